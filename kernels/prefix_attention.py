@@ -1,0 +1,251 @@
+"""Triton kernel: attention over a per-row task prefix without concatenation.
+
+Row ``b`` of the batch belongs to task ``t = task_of_row[b]`` and attends, with a single softmax, to
+the keys ``[prefix_k[t, :, :prefix_len[t]] ; k[b]]`` (see :mod:`kernels.reference` for the contract).
+The obvious implementation gathers the prefix of every row and concatenates it with the row's own keys
+and values, materialising a ``[B, H, P_max + N, d]`` tensor per layer. This kernel never builds it:
+each program (one query block of one head of one row) reads the row's task index, streams that task's
+prefix keys/values straight from the shared prefix tables and then streams the row's own keys/values,
+folding both sources into one online ("flash") softmax, as in the Triton tutorial 06-fused-attention.
+
+Online softmax, per query row, over key blocks ``j = 1, 2, ...`` with logits ``s_j``::
+
+    m_j   = max(m_{j-1}, max(s_j))                  running maximum
+    alpha = 2^(m_{j-1} - m_j)                       rescales what was accumulated so far
+    p_j   = 2^(s_j - m_j)
+    l_j   = alpha * l_{j-1} + sum(p_j)              running softmax denominator
+    acc_j = alpha * acc_{j-1} + p_j @ v_j           running numerator
+    out   = acc_last / l_last
+
+The logits are kept in base 2 (``log2(e)`` folded into the scale and into the prefix bias) so the
+exponentials are ``exp2``, which maps to a single hardware instruction. Masked slots have logit
+``-inf``; a block whose slots are all masked would give ``m_j = -inf`` and ``-inf - -inf = NaN``, so
+the maximum used for the exponentials is clamped to 0 in that case (every ``p`` is then exactly 0).
+
+This is the only module of the repository that imports :mod:`triton`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["prefix_attention"]
+
+_LOG2E = 1.4426950408889634  # log2(e): e^x == 2^(x * log2(e))
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E)  # the same constant, visible inside kernels
+_HEAD_DIMS = (32, 64, 80, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _configs() -> list[triton.Config]:
+    """Autotuning space: query/key block sizes, warps and software-pipelining stages.
+
+    Hopper and Ampere both like 64..128-row query blocks with 32..64-key blocks for head dims up to
+    128; more stages hide the latency of the K/V loads. The interpreter runs one tiny configuration,
+    since autotuning there would execute every candidate on the CPU.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m in (64, 128)
+        for block_n in (32, 64)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+        if not (block_m == 64 and warps == 8)
+    ]
+
+
+@triton.jit
+def _attend_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    kt_ptrs,
+    kt_mask,
+    v_ptrs,
+    v_mask,
+    logit_bias,
+    qk_scale,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Fold one block of keys/values into the running softmax state of a query block.
+
+    ``logit_bias`` (``[BLOCK_N]``, base 2) carries the prefix bias and ``-inf`` on masked key slots,
+    whose K/V loads are masked to zeros.
+    """
+    kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]: K transposed
+    s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale + logit_bias[None, :]  # base-2 logits
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Guard: a fully masked block leaves m_new == -inf; exponentiating against 0 instead gives p == 0
+    # and alpha == 2^(m_i - 0) == 0 (m_i is -inf too) rather than NaN from -inf - -inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.autotune(configs=_configs(), key=["N_CTX", "P_MAX", "HEAD_DIM"])
+@triton.jit
+def _prefix_attention_kernel(
+    Q, K, V, PK, PV, PBIAS, PLEN, TASK, Out,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_pbt, stride_pbn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    qk_scale,
+    H,
+    N_CTX,
+    P_MAX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program = one block of BLOCK_M queries of one head of one batch row."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+
+    # The row's task selects which prefix table slice (and which bias row / length) it attends to.
+    task = tl.load(TASK + off_b).to(tl.int64)
+    plen = tl.minimum(tl.load(PLEN + task), P_MAX)  # slots past the table are never valid
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    # Head dims such as 80 are padded to the next power of two; the padding lanes load zeros, which
+    # add nothing to q.k and produce output columns that are never stored.
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_CTX) & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Pass 1: the task's prefix. Logit = q.k * scale + bias[j], all in base 2; slots >= plen are -inf.
+    pk_base = PK + task * stride_pkt + off_h * stride_pkh
+    pv_base = PV + task * stride_pvt + off_h * stride_pvh
+    pb_base = PBIAS + task * stride_pbt
+    for start_n in range(0, plen, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < plen
+        bias = tl.load(pb_base + cols * stride_pbn, mask=col_ok, other=0.0).to(tl.float32)
+        logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
+        kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
+        v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q,
+            kt_ptrs, col_ok[None, :] & d_mask[:, None],
+            v_ptrs, col_ok[:, None] & d_mask[None, :],
+            logit_bias, qk_scale, INPUT_PRECISION,
+        )  # fmt: skip
+
+    # Pass 2: the row's own tokens, no bias; only the tail of the last block is masked.
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    for start_n in range(0, N_CTX, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < N_CTX
+        logit_bias = tl.where(col_ok, 0.0, float("-inf"))
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q,
+            kt_ptrs, col_ok[None, :] & d_mask[:, None],
+            v_ptrs, col_ok[:, None] & d_mask[None, :],
+            logit_bias, qk_scale, INPUT_PRECISION,
+        )  # fmt: skip
+
+    # Every row has N_CTX >= 1 unmasked token keys, so l_i > 0 here.
+    acc = acc / l_i[:, None]
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_CTX) & d_mask[None, :])
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    prefix_bias: Tensor,
+    prefix_len: Tensor,
+    task_of_row: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of every row over its task's prefix followed by its own tokens, in one pass.
+
+    Same contract as :func:`kernels.reference.prefix_attention_reference`. Shapes: q, k, v
+    ``[B, H, N, d]`` (any strides, e.g. views of a fused qkv projection); prefix_k, prefix_v
+    ``[tasks, H, P_max, d]``; prefix_bias ``[tasks, P_max]``; prefix_len ``[tasks]``;
+    task_of_row ``[B]``. ``d`` must be one of 32, 64, 80, 128; inputs fp16, bf16 or fp32 (the
+    prefix tables are cast to q's dtype on load). Returns a contiguous ``[B, H, N, d]`` tensor in
+    q's dtype. Softmax statistics and accumulation are fp32.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [B, H, N, d] shape, got {q.shape}, {k.shape}, {v.shape}")
+    batch, heads, n_ctx, head_dim = q.shape
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} is not supported (expected one of {_HEAD_DIMS})")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    tasks, _, p_max, _ = prefix_k.shape
+    if prefix_k.shape != (tasks, heads, p_max, head_dim) or prefix_v.shape != prefix_k.shape:
+        raise ValueError(
+            f"prefix_k/prefix_v must be [tasks, {heads}, P_max, {head_dim}], "
+            f"got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
+        )
+    if prefix_bias.shape != (tasks, p_max) or prefix_len.shape != (tasks,) or task_of_row.shape != (batch,):
+        raise ValueError(
+            f"expected prefix_bias [{tasks}, {p_max}], prefix_len [{tasks}], task_of_row [{batch}]; got "
+            f"{tuple(prefix_bias.shape)}, {tuple(prefix_len.shape)}, {tuple(task_of_row.shape)}"
+        )
+    if n_ctx == 0:
+        raise ValueError("attention needs at least one token per row")
+
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    # Small index tensors only; the big K/V inputs are read in place through their strides.
+    prefix_len = prefix_len.to(torch.int32)
+    task_of_row = task_of_row.to(torch.int32)
+    prefix_bias = prefix_bias.to(torch.float32)
+    out = torch.empty((batch, heads, n_ctx, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
+
+    _prefix_attention_kernel[grid](
+        q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, out,
+        *q.stride(), *k.stride(), *v.stride(),
+        *prefix_k.stride(), *prefix_v.stride(), *prefix_bias.stride(), *out.stride(),
+        scale * _LOG2E,
+        heads,
+        n_ctx,
+        p_max,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        # fp32 inputs get exact fp32 products (no TF32) so they match the fp32 reference.
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out

@@ -1,0 +1,172 @@
+"""The frozen backbone: a timm VisionTransformer, its architecture record and fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+RANDOM_WEIGHTS = "random"
+
+# Named architectures (patch 16, 224 px, CLS pooling); any other shape goes through ``BackboneSpec``.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "vit_tiny_patch16_224": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "vit_small_patch16_224": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vit_base_patch16_224": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "vit_large_patch16_224": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "vit_huge_patch16_224": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
+}
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built or loaded as asked."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Architecture of a ViT backbone: everything needed to rebuild it without weights."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = 16
+    img_size: int = 224
+    mlp_ratio: float = 4.0
+    name: str = "vit_base_patch16_224"
+
+    @classmethod
+    def named(cls, name: str) -> BackboneSpec:
+        if name not in ARCHITECTURES:
+            raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        return cls(name=name, **ARCHITECTURES[name])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        fields = set(cls.__dataclass_fields__)
+        unknown = set(data) - fields
+        if unknown:
+            raise BackboneError(f"unknown backbone spec fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def build(self) -> VisionTransformer:
+        """An uninitialised-weights timm ViT of this shape, CLS pooling, no classifier, LN eps 1e-6."""
+        if self.embed_dim % self.num_heads:
+            raise BackboneError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        return VisionTransformer(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            num_classes=0,
+            global_pool="token",
+            class_token=True,
+        )
+
+
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """SHA-256 over sorted tensor names, dtypes, shapes and bytes: equal weights, equal print."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from a safetensors file or a weights-only torch state dict (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"backbone weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise BackboneError(
+                f"backbone weights {path}: not a readable safetensors file ({error})"
+            ) from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or corrupt files
+        raise BackboneError(f"backbone weights {path}: not a weights-only torch file ({error})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BackboneError(f"backbone weights {path}: expected a mapping of tensor names to tensors")
+    return state
+
+
+class Backbone:
+    """A frozen timm ViT in eval mode with the record that tasks are checked against."""
+
+    def __init__(self, model: VisionTransformer, spec: BackboneSpec, source: str) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.source = source
+        self.fingerprint = fingerprint(self.model.state_dict())
+
+    @classmethod
+    def create(
+        cls,
+        spec: BackboneSpec | str,
+        weights: str | Path = RANDOM_WEIGHTS,
+        seed: int = 0,
+    ) -> Backbone:
+        """Build ``spec`` and load ``weights`` (a file) or draw seeded random ones (``"random"``)."""
+        spec = BackboneSpec.named(spec) if isinstance(spec, str) else spec
+        if str(weights) == RANDOM_WEIGHTS:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = spec.build()
+            return cls(model, spec, source=f"random(seed={seed}) - NOT pretrained, for demos and tests")
+        model = spec.build()
+        state = read_weights(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneError(
+                f"backbone weights {weights} do not fit {spec.name}: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        return cls(model, spec, source=str(weights))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backbone:
+        """Move/cast in place; the fingerprint stays that of the loaded weights."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.cls_token.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.cls_token.device
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "fingerprint": self.fingerprint, "source": self.source}

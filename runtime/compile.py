@@ -1,0 +1,80 @@
+"""Compile-at-load: a task package becomes per-layer prefix keys/values for the frozen backbone.
+
+In deep-prompt mode with CLS pooling a visual prompt's output is overwritten before the next
+layer, so a prompt acts on the model only through its key ``W_k LN1(p) + b_k`` and value
+``W_v LN1(p) + b_v``. Those are computed once here. All pruned tokens are the zero vector, so
+they share one key and one value: ``c`` copies act on softmax like one key with logit ``+ ln c``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from runtime.backbone import Backbone
+from runtime.package import TaskPackage
+
+
+@dataclass(frozen=True)
+class CompiledTask:
+    """Prefix rows ``[visual prompts kept ; null row (if any pruned) ; KV prompts]`` per layer.
+
+    ``keys``/``values`` are ``[L, H, P, d]`` in fp32, ``bias [P]`` is the additive logit bias
+    (``ln c`` on the null row, 0 elsewhere), the same for every layer.
+    """
+
+    package: TaskPackage
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+
+    @property
+    def prefix_len(self) -> int:
+        return self.keys.shape[2]
+
+
+@torch.no_grad()
+def compile_task(package: TaskPackage, backbone: Backbone) -> CompiledTask:
+    """Project every layer's prompts through that layer's LN1 and K/V weights, in fp32."""
+    package.check_backbone(backbone)
+    prompts = package.prompts.float()
+    # A kept token that is zero in every layer (all its segments pruned) is a pruned token too.
+    nonzero = prompts.abs().amax(dim=(0, 2)) > 0
+    pruned = package.num_pruned + int((~nonzero).sum())
+    prompts = prompts[:, nonzero]
+    if pruned:
+        prompts = torch.cat([prompts, prompts.new_zeros(prompts.shape[0], 1, prompts.shape[2])], dim=1)
+    heads, head_dim = backbone.spec.num_heads, backbone.spec.head_dim
+    keys, values = [], []
+    for layer, block in enumerate(backbone.blocks):
+        key, value = project_keys_values(block, prompts[layer].to(backbone.device), heads, head_dim)
+        keys.append(torch.cat([key, package.kv_key[layer].float().to(key.device)], dim=1))
+        kv_value = package.kv_key if package.kv_value is None else package.kv_value
+        values.append(torch.cat([value, kv_value[layer].float().to(value.device)], dim=1))
+    bias = torch.zeros(keys[0].shape[1], device=backbone.device)
+    if pruned:
+        bias[prompts.shape[1] - 1] = math.log(pruned)
+    return CompiledTask(package=package, keys=torch.stack(keys), values=torch.stack(values), bias=bias)
+
+
+def project_keys_values(
+    block: torch.nn.Module, tokens: Tensor, heads: int, head_dim: int
+) -> tuple[Tensor, Tensor]:
+    """``[n, D]`` tokens to fp32 keys and values ``[H, n, d]`` through a timm block's LN1 and qkv."""
+    norm, attn = block.norm1, block.attn
+    dim = tokens.shape[-1]
+    normed = F.layer_norm(tokens, (dim,), norm.weight.float(), norm.bias.float(), norm.eps)
+    weight, bias = attn.qkv.weight.float(), attn.qkv.bias
+    bias = bias.float() if bias is not None else torch.zeros(3 * dim, device=tokens.device)
+    kv = F.linear(normed, weight[dim:], bias[dim:]).view(-1, 2, heads, head_dim).permute(1, 2, 0, 3)
+    key, value = kv[0], kv[1]
+    k_norm = attn.k_norm
+    if isinstance(k_norm, torch.nn.LayerNorm):
+        key = F.layer_norm(key, (head_dim,), k_norm.weight.float(), k_norm.bias.float(), k_norm.eps)
+    elif not isinstance(k_norm, torch.nn.Identity):
+        raise TypeError(f"unsupported key norm {type(k_norm).__name__}")
+    return key, value

@@ -1,0 +1,252 @@
+"""Which tasks are loaded, in which slots: immutable snapshots over slot tables.
+
+Loading a task writes its compiled prefix into a free slot of preallocated tables and publishes
+a new snapshot; a forward holds one snapshot for its whole batch, so tasks can be added,
+replaced and removed while forwards run. A slot is reused only after every snapshot that
+could still reference it has been released.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from runtime.backbone import Backbone
+from runtime.compile import CompiledTask, compile_task
+from runtime.package import TaskPackage, check_task_id
+
+
+class UnknownTaskError(KeyError):
+    """A task id that no loaded task has."""
+
+    def __str__(self) -> str:
+        return f"unknown task {self.args[0]!r}"
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One loaded version of a task."""
+
+    task_id: str
+    version: int
+    slot: int
+    package: TaskPackage
+    prefix_len: int
+    head_weight: Tensor
+    head_bias: Tensor
+    loaded_at: float
+    load_seconds: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.head_weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this task holds: its prefix rows in the tables plus its head."""
+        spec = self.package.backbone_spec
+        prefix = 2 * spec.depth * spec.embed_dim * self.prefix_len * self.head_weight.element_size()
+        return prefix + (self.head_weight.numel() + self.head_bias.numel()) * self.head_weight.element_size()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Loaded tasks at one instant: prefix tables and the task-to-slot map. Never mutated.
+
+    ``keys``/``values [L, slots, H, P_max, d]``, ``bias [slots, P_max]`` (fp32),
+    ``lengths [slots]`` (int32). Slots not in ``tasks`` hold stale data and are never read.
+    """
+
+    generation: int
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+    lengths: Tensor
+    tasks: Mapping[str, TaskEntry]
+
+    def entries(self, task_ids: Sequence[str]) -> list[TaskEntry]:
+        try:
+            return [self.tasks[task_id] for task_id in task_ids]
+        except KeyError as error:
+            raise UnknownTaskError(error.args[0]) from None
+
+    def slots(self, entries: Sequence[TaskEntry]) -> Tensor:
+        return torch.tensor([entry.slot for entry in entries], dtype=torch.int32, device=self.keys.device)
+
+
+@dataclass
+class _Tables:
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def allocate(cls, backbone: Backbone, slots: int, prefix: int) -> _Tables:
+        spec, device, dtype = backbone.spec, backbone.device, backbone.dtype
+        shape = (spec.depth, slots, spec.num_heads, prefix, spec.head_dim)
+        return cls(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            bias=torch.zeros(slots, prefix, dtype=torch.float32, device=device),
+            lengths=torch.zeros(slots, dtype=torch.int32, device=device),
+        )
+
+    def grown(self, backbone: Backbone, slots: int, prefix: int) -> _Tables:
+        """New, larger tables holding a copy of these (live snapshots keep the old ones)."""
+        bigger = _Tables.allocate(backbone, slots, prefix)
+        old_slots, old_prefix = self.bias.shape
+        bigger.keys[:, :old_slots, :, :old_prefix] = self.keys
+        bigger.values[:, :old_slots, :, :old_prefix] = self.values
+        bigger.bias[:old_slots, :old_prefix] = self.bias
+        bigger.lengths[:old_slots] = self.lengths
+        return bigger
+
+    def write(self, slot: int, task: CompiledTask) -> None:
+        length = task.prefix_len
+        self.keys[:, slot, :, :length] = task.keys.to(self.keys.dtype)
+        self.values[:, slot, :, :length] = task.values.to(self.values.dtype)
+        self.keys[:, slot, :, length:] = 0
+        self.values[:, slot, :, length:] = 0
+        self.bias[slot] = 0
+        self.bias[slot, :length] = task.bias
+        self.lengths[slot] = length
+
+
+@dataclass
+class _Leases:
+    """Counts of snapshots in use, by generation, to know when a freed slot is safe to reuse."""
+
+    active: dict[int, int] = field(default_factory=dict)
+    freed: list[tuple[int, int]] = field(default_factory=list)  # (generation it was freed at, slot)
+
+    def oldest(self) -> int | None:
+        return min(self.active) if self.active else None
+
+    def reusable(self) -> list[int]:
+        oldest = self.oldest()
+        ready = [slot for gen, slot in self.freed if oldest is None or oldest >= gen]
+        self.freed = [(gen, slot) for gen, slot in self.freed if slot not in ready]
+        return ready
+
+
+class TaskRegistry:
+    """Thread-safe set of loaded tasks for one backbone."""
+
+    def __init__(self, backbone: Backbone, initial_slots: int = 8, initial_prefix: int = 16) -> None:
+        self.backbone = backbone
+        self._lock = threading.Lock()
+        self._tables = _Tables.allocate(backbone, initial_slots, initial_prefix)
+        self._free = list(range(initial_slots))
+        self._leases = _Leases()
+        self._versions: dict[str, int] = {}
+        self._snapshot = self._publish({}, generation=0)
+
+    def _publish(self, tasks: dict[str, TaskEntry], generation: int) -> Snapshot:
+        tables = self._tables
+        self._snapshot = Snapshot(
+            generation=generation,
+            keys=tables.keys,
+            values=tables.values,
+            bias=tables.bias,
+            lengths=tables.lengths,
+            tasks=MappingProxyType(tasks),
+        )
+        return self._snapshot
+
+    def add(self, package: TaskPackage) -> TaskEntry:
+        """Load a task, or replace the loaded version of the same id. Returns the new entry."""
+        started = time.perf_counter()
+        compiled = compile_task(package, self.backbone)
+        with self._lock:
+            self._free.extend(self._leases.reusable())
+            tables = self._tables
+            slots, prefix = tables.bias.shape
+            if not self._free or compiled.prefix_len > prefix:
+                new_slots = slots * 2 if not self._free else slots
+                self._free.extend(range(slots, new_slots))
+                self._tables = tables.grown(self.backbone, new_slots, max(prefix, compiled.prefix_len))
+            slot = self._free.pop(0)
+            self._tables.write(slot, compiled)
+            version = self._versions.get(package.task_id, 0) + 1
+            self._versions[package.task_id] = version
+            entry = TaskEntry(
+                task_id=package.task_id,
+                version=version,
+                slot=slot,
+                package=package,
+                prefix_len=compiled.prefix_len,
+                head_weight=package.head_weight.to(device=self.backbone.device, dtype=torch.float32),
+                head_bias=package.head_bias.to(device=self.backbone.device, dtype=torch.float32),
+                loaded_at=time.time(),
+                load_seconds=time.perf_counter() - started,
+            )
+            tasks = dict(self._snapshot.tasks)
+            previous = tasks.get(package.task_id)
+            tasks[package.task_id] = entry
+            generation = self._snapshot.generation + 1
+            if previous is not None:
+                self._leases.freed.append((generation, previous.slot))
+            self._publish(tasks, generation)
+        return entry
+
+    def remove(self, task_id: str) -> TaskEntry:
+        """Unload a task; forwards already holding a snapshot still finish with it."""
+        with self._lock:
+            tasks = dict(self._snapshot.tasks)
+            if task_id not in tasks:
+                raise UnknownTaskError(task_id)
+            entry = tasks.pop(task_id)
+            generation = self._snapshot.generation + 1
+            self._leases.freed.append((generation, entry.slot))
+            self._publish(tasks, generation)
+        return entry
+
+    @contextmanager
+    def acquire(self) -> Iterator[Snapshot]:
+        """The current snapshot, held until the block exits (its slots stay untouched meanwhile)."""
+        with self._lock:
+            snapshot = self._snapshot
+            self._leases.active[snapshot.generation] = self._leases.active.get(snapshot.generation, 0) + 1
+        try:
+            yield snapshot
+        finally:
+            with self._lock:
+                count = self._leases.active[snapshot.generation] - 1
+                if count:
+                    self._leases.active[snapshot.generation] = count
+                else:
+                    del self._leases.active[snapshot.generation]
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current snapshot, unleased: for metadata only, not for running a forward."""
+        return self._snapshot
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._snapshot.tasks
+
+    def __len__(self) -> int:
+        return len(self._snapshot.tasks)
+
+    def get(self, task_id: str) -> TaskEntry:
+        check_task_id(task_id)
+        try:
+            return self._snapshot.tasks[task_id]
+        except KeyError:
+            raise UnknownTaskError(task_id) from None
+
+    def memory(self) -> dict[str, int]:
+        """Bytes per loaded task, plus the tables' allocated total (padding and free slots included)."""
+        snapshot = self._snapshot
+        report = {task_id: entry.nbytes for task_id, entry in snapshot.tasks.items()}
+        tables = (snapshot.keys, snapshot.values, snapshot.bias, snapshot.lengths)
+        report["__tables_allocated__"] = sum(t.numel() * t.element_size() for t in tables)
+        return report
