@@ -3,7 +3,7 @@
 Three ways to compute one attention layer of a mixed-task batch (q, k, v are strided views of a fused
 ``[B, N, 3, H, d]`` qkv projection, as in the runtime):
 
-* ``kernel``: :func:`kernels.prefix_attention.prefix_attention`, which streams each row's task prefix
+* ``kernel``: :func:`kernels.triton_prefix.prefix_attention`, which streams each row's task prefix
   from the shared prefix tables and the row's tokens in one online softmax.
 * ``concat``: gather every row's prefix (``index_select``), concatenate it with the row's own K/V into
   ``[B, H, P_max + N, d]`` tensors and run ``torch.nn.functional.scaled_dot_product_attention`` with
@@ -102,7 +102,7 @@ def concat_sdpa(
 def run(args: argparse.Namespace) -> list[dict]:
     import triton.testing
 
-    from kernels.prefix_attention import prefix_attention
+    from kernels.triton_prefix import prefix_attention
 
     dtype = DTYPES[args.dtype]
     results = []

@@ -117,8 +117,11 @@ def _prefix_attention_kernel(
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program = one block of BLOCK_M queries of one head of one batch row."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # A flat 1-D grid (axis 0 allows 2^31 - 1 programs; axis 1 only 65535), query blocks fastest so
+    # the programs sharing one (row, head)'s K/V run back to back and hit it in L2.
+    num_m = tl.cdiv(N_CTX, BLOCK_M)
+    start_m = tl.program_id(0) % num_m
+    off_bh = tl.program_id(0) // num_m
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
@@ -232,8 +235,8 @@ def prefix_attention(
     if batch == 0:
         return out
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n_ctx, meta["BLOCK_M"]) * batch * heads,)
 
     _prefix_attention_kernel[grid](
         q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, out,
