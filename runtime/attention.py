@@ -20,9 +20,9 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def bind_torch(snapshot: Snapshot, slots: Tensor, num_tokens: int) -> LayerAttention:
-    """SDPA over ``[gathered prefix ; tokens]``, the prefix trimmed to the longest in this batch."""
+    """SDPA over ``[gathered prefix ; tokens]``, the prefix trimmed to the snapshot's longest."""
     rows = slots.long()
-    longest = int(snapshot.lengths.index_select(0, rows).max()) if rows.numel() else 0
+    longest = snapshot.longest_prefix
     if longest == 0:
         return lambda layer, q, k, v: F.scaled_dot_product_attention(q, k, v)
     dtype = snapshot.keys.dtype

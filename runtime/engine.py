@@ -59,16 +59,12 @@ class Engine:
 
 
 def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:
-    """Each row through its own task's linear head, in fp32; rows of one task share one matmul."""
+    """Each row through its own task's linear head, in fp32.
+
+    One matmul per row, not per task: a GEMM's rounding can depend on how many rows it gets,
+    and a row's logits must not depend on which rows share its batch.
+    """
     features = features.float()
-    rows_of: dict[int, list[int]] = {}
-    for row, entry in enumerate(entries):
-        rows_of.setdefault(id(entry), []).append(row)
-    logits: list[Tensor | None] = [None] * len(entries)
-    for rows in rows_of.values():
-        entry = entries[rows[0]]
-        index = torch.tensor(rows, device=features.device)
-        out = F.linear(features.index_select(0, index), entry.head_weight, entry.head_bias).cpu()
-        for position, row in enumerate(rows):
-            logits[row] = out[position]
-    return logits
+    return [
+        F.linear(features[row], entry.head_weight, entry.head_bias).cpu() for row, entry in enumerate(entries)
+    ]

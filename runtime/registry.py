@@ -62,6 +62,8 @@ class Snapshot:
 
     ``keys``/``values [L, slots, H, P_max, d]``, ``bias [slots, P_max]`` (fp32),
     ``lengths [slots]`` (int32). Slots not in ``tasks`` hold stale data and are never read.
+    ``longest_prefix`` is the longest prefix of any loaded task: every batch attends over that
+    many prefix slots, so a row's output never depends on which rows share its batch.
     """
 
     generation: int
@@ -70,6 +72,7 @@ class Snapshot:
     bias: Tensor
     lengths: Tensor
     tasks: Mapping[str, TaskEntry]
+    longest_prefix: int
 
     def entries(self, task_ids: Sequence[str]) -> list[TaskEntry]:
         try:
@@ -158,6 +161,7 @@ class TaskRegistry:
             bias=tables.bias,
             lengths=tables.lengths,
             tasks=MappingProxyType(tasks),
+            longest_prefix=max((entry.prefix_len for entry in tasks.values()), default=0),
         )
         return self._snapshot
 
@@ -173,7 +177,8 @@ class TaskRegistry:
                 new_slots = slots * 2 if not self._free else slots
                 self._free.extend(range(slots, new_slots))
                 self._tables = tables.grown(self.backbone, new_slots, max(prefix, compiled.prefix_len))
-            slot = self._free.pop(0)
+            slot = min(self._free)  # lowest first keeps the tables dense
+            self._free.remove(slot)
             self._tables.write(slot, compiled)
             version = self._versions.get(package.task_id, 0) + 1
             self._versions[package.task_id] = version

@@ -1,0 +1,107 @@
+"""Registry: tasks added, replaced and removed from other threads while forwards stream."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from runtime import Backbone, Engine, TaskRegistry
+from tests.helpers import images_for, random_package
+
+
+def test_concurrent_churn_never_fails_or_mixes_versions(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone, initial_slots=2, initial_prefix=4)  # forces table growth
+    engine = Engine(tiny_backbone, registry, attention="torch")
+    stable, _ = random_package(tiny_backbone, "stable", seed=1)
+    versions = [
+        random_package(tiny_backbone, "churn", seed=10, num_prompts=5, num_classes=4)[0],
+        random_package(
+            tiny_backbone, "churn", seed=11, num_prompts=32, num_kv=5, pruned_tokens=9, num_classes=6
+        )[0],
+    ]
+    registry.add(stable)
+    images = images_for(tiny_backbone, 4, seed=4)
+
+    # Expected logits of each version, computed alone on a private registry.
+    expected = []
+    for package in [stable, *versions]:
+        alone = Engine(tiny_backbone, TaskRegistry(tiny_backbone), attention="torch")
+        alone.registry.add(package)
+        expected.append(alone.forward(images, [package.task_id] * 4))
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            step = 0
+            while not stop.is_set():
+                registry.add(versions[step % 2])
+                if step % 3 == 2:
+                    registry.remove("churn")
+                registry.add(random_package(tiny_backbone, f"extra-{step % 5}", seed=100 + step)[0])
+                step += 1
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    seen_versions = set()
+    try:
+        for _ in range(60):
+            with registry.acquire() as snapshot:
+                task_ids = (
+                    ["stable", "churn", "stable", "churn"] if "churn" in snapshot.tasks else ["stable"] * 4
+                )
+                logits = engine.forward_snapshot(snapshot, images, task_ids)
+            for row in (0, 2):
+                assert torch.allclose(logits[row], expected[0][row], rtol=1e-5, atol=1e-6)
+            if task_ids[1] == "churn":
+                matches = [
+                    index
+                    for index, version in enumerate(expected[1:])
+                    if all(
+                        logits[row].shape == version[row].shape
+                        and torch.allclose(logits[row], version[row], rtol=1e-5, atol=1e-6)
+                        for row in (1, 3)
+                    )
+                ]
+                assert len(matches) == 1, "a batch mixed two versions of a task or matched none"
+                seen_versions.add(matches[0])
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    assert seen_versions, "the churned task was never observed"
+
+
+def test_freed_slot_is_not_reused_while_a_snapshot_holds_it(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone, initial_slots=1)
+    first, _ = random_package(tiny_backbone, "a", seed=1)
+    registry.add(first)
+    with registry.acquire() as held:
+        slot = held.tasks["a"].slot
+        keys_before = held.keys[:, slot].clone()
+        registry.remove("a")
+        registry.add(random_package(tiny_backbone, "b", seed=2)[0])
+        registry.add(random_package(tiny_backbone, "c", seed=3)[0])
+        assert torch.equal(held.keys[:, slot], keys_before)
+    registry.add(random_package(tiny_backbone, "d", seed=4)[0])
+    assert registry.get("d").slot == slot  # released, then reused
+
+
+def test_replace_bumps_version_and_memory_report(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone)
+    package, _ = random_package(tiny_backbone, "t", seed=1, num_prompts=10, num_kv=5, pruned_tokens=4)
+    assert registry.add(package).version == 1
+    entry = registry.add(package)
+    assert entry.version == 2 and len(registry) == 1
+    spec = tiny_backbone.spec
+    prefix = 6 + 1 + 5  # kept tokens, one null row for the four pruned, KV prompts
+    assert entry.prefix_len == prefix
+    memory = registry.memory()
+    assert (
+        memory["t"] == 2 * spec.depth * spec.embed_dim * prefix * 4 + package.head_weight.numel() * 4 + 7 * 4
+    )
+    assert memory["__tables_allocated__"] >= memory["t"]
