@@ -73,7 +73,9 @@ def test_segment_mask_is_interleaved(tiny_backbone: Backbone) -> None:
 def test_row_isolation(small_backbone: Backbone) -> None:
     engine, _ = load_tasks(small_backbone)
     images = images_for(small_backbone, 8, seed=5)
-    first = engine.forward(images, ["task-0", "task-1", "task-2", "task-3", "task-4", "task-5", "task-6", "task-0"])
+    first = engine.forward(
+        images, ["task-0", "task-1", "task-2", "task-3", "task-4", "task-5", "task-6", "task-0"]
+    )
     order = [7, 6, 5, 4, 3, 2, 1, 0]
     swapped_ids = ["task-0", "task-6", "task-5", "task-4", "task-3", "task-2", "task-1", "task-0"]
     second = engine.forward(images[order], swapped_ids)
@@ -105,12 +107,15 @@ def test_bf16_error_against_fp32(small_backbone: Backbone) -> None:
     low = half.forward(images, task_ids)
     errors = [relative_error(a, b) for a, b in zip(low, full, strict=True)]
     agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(low, full, strict=True)) / len(full)
-    print(f"bf16 vs fp32: median relative error {sorted(errors)[len(errors) // 2]:.4f}, top-1 agreement {agree:.3f}")
+    median = sorted(errors)[len(errors) // 2]
+    print(f"bf16 vs fp32: median relative error {median:.4f}, top-1 agreement {agree:.3f}")
     assert max(errors) < 0.1
     assert agree >= 0.8
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run; GPUs use the CUDA tests")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run; GPUs use the CUDA tests"
+)
 def test_triton_path_equals_torch_path() -> None:
     pytest.importorskip("triton")
     backbone = Backbone.create(replace(TINY, num_heads=2, depth=1), "random", seed=3)  # head dim 32
