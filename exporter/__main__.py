@@ -1,0 +1,7 @@
+"""``python -m exporter``: task export, ``backbone`` extraction or ``onnx`` export."""
+
+import sys
+
+from exporter.cli import dispatch
+
+sys.exit(dispatch())
