@@ -1,0 +1,235 @@
+"""One dynamic batcher for all tasks: requests of different tasks share a batch.
+
+The event loop submits validated, preprocessed requests into a bounded queue; one worker thread
+forms batches of up to ``max_batch_size`` rows (a request of N images is N rows and is never
+split), waiting at most ``max_queue_delay`` after the oldest request arrived, and runs each batch
+under ONE registry snapshot. Versions: a request names a task id; the entry (version) it runs on
+is the one in the snapshot its batch takes, so a task replaced or unloaded while a batch computes
+does not affect that batch. Requests whose task is gone by then fail alone with ``UnknownTaskError``;
+requests whose deadline passed or whose caller cancelled are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from runtime.engines import InferenceEngine
+from runtime.metrics import ServerMetrics
+from runtime.registry import TaskEntry, UnknownTaskError
+
+log = logging.getLogger("e2vpt.batcher")
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds ``max_queue_size`` requests; the caller should retry later."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The batcher no longer accepts requests."""
+
+
+class DeadlineExpiredError(TimeoutError):
+    """The request's deadline passed before its batch ran."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int = 32
+    max_queue_delay: float = 0.005
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
+            raise ValueError(f"invalid batcher settings {self}")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Logits ``[N, C]`` of one request and the task version that produced them."""
+
+    logits: Tensor
+    entry: TaskEntry
+    queue_ns: int
+    batch_rows: int
+
+
+@dataclass
+class _Request:
+    task_id: str
+    images: Tensor
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+
+    @property
+    def rows(self) -> int:
+        return self.images.shape[0]
+
+
+def _settle(future: asyncio.Future, result: BatchResult | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Batcher:
+    """Bounded queue plus a worker thread that runs mixed-task batches through ``engine``."""
+
+    def __init__(self, engine: InferenceEngine, config: BatcherConfig, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="e2vpt-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._accepting = True
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, task_id: str, images: Tensor, timeout: float | None = None) -> BatchResult:
+        """Queue ``images [N, 3, S, S]`` for ``task_id`` and await its logits; never blocks the loop."""
+        if images.shape[0] > self.config.max_batch_size:
+            raise ValueError(
+                f"batch of {images.shape[0]} images exceeds max_batch_size {self.config.max_batch_size}"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = _Request(task_id, images, loop.create_future(), loop, deadline)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._queue) >= self.config.max_queue_size:
+                raise QueueFullError(
+                    f"queue is full ({self.config.max_queue_size} requests waiting); retry later"
+                )
+            self._queue.append(request)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return await request.future
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, finish the queued ones, stop the worker; False if it outlived ``timeout``."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a batch is ready; None once stopping with an empty queue."""
+        cfg = self.config
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            rows = batch[0].rows
+            close_at = batch[0].enqueued_ns / 1e9 + cfg.max_queue_delay
+            while rows < cfg.max_batch_size:
+                if self._queue:
+                    if rows + self._queue[0].rows > cfg.max_batch_size:
+                        break
+                    request = self._queue.popleft()
+                    batch.append(request)
+                    rows += request.rows
+                    continue
+                remaining = close_at - time.perf_counter_ns() / 1e9
+                if remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._execute(batch)
+            except Exception as error:  # a failing batch must not kill the worker
+                log.exception("batch of %d requests failed", len(batch))
+                for request in batch:
+                    self._resolve(request, None, error)
+
+    def _resolve(self, request: _Request, result: BatchResult | None, error: BaseException | None) -> None:
+        # A closed loop raises RuntimeError: nobody waits for this answer anymore.
+        with contextlib.suppress(RuntimeError):
+            request.loop.call_soon_threadsafe(_settle, request.future, result, error)
+
+    def _live(self, batch: list[_Request]) -> list[_Request]:
+        now = time.monotonic()
+        live = []
+        for request in batch:
+            if request.future.cancelled():
+                self.metrics.dropped.labels("cancelled").inc()
+            elif request.deadline is not None and now >= request.deadline:
+                self.metrics.dropped.labels("deadline").inc()
+                self._resolve(request, None, DeadlineExpiredError("deadline passed while queued"))
+            else:
+                live.append(request)
+        return live
+
+    def _execute(self, batch: list[_Request]) -> None:
+        batch = self._live(batch)
+        if not batch:
+            return
+        with self.engine.registry.acquire() as snapshot:
+            runnable = []
+            for request in batch:
+                if request.task_id in snapshot.tasks:
+                    runnable.append(request)
+                else:
+                    self._resolve(request, None, UnknownTaskError(request.task_id))
+            if not runnable:
+                return
+            started = time.perf_counter_ns()
+            images = torch.cat([request.images for request in runnable])
+            task_ids = [request.task_id for request in runnable for _ in range(request.rows)]
+            inputs_ready = time.perf_counter_ns()
+            logits = self.engine.forward_snapshot(snapshot, images, task_ids)
+            inferred = time.perf_counter_ns()
+            results = []
+            row = 0
+            for request in runnable:
+                rows = logits[row : row + request.rows]
+                row += request.rows
+                result = BatchResult(
+                    logits=torch.stack(rows),
+                    entry=snapshot.tasks[request.task_id],
+                    queue_ns=started - request.enqueued_ns,
+                    batch_rows=len(task_ids),
+                )
+                results.append((request, result))
+            finished = time.perf_counter_ns()
+        rows_by_task: dict[str, int] = {}
+        queue_by_task: dict[str, list[int]] = {}
+        for request, result in results:
+            rows_by_task[request.task_id] = rows_by_task.get(request.task_id, 0) + request.rows
+            queue_by_task.setdefault(request.task_id, []).append(result.queue_ns)
+        self.metrics.record_batch(
+            rows_by_task, queue_by_task, inputs_ready - started, inferred - inputs_ready, finished - inferred
+        )
+        # Statistics first, answers second: a client that got its answer sees it counted.
+        for request, result in results:
+            self._resolve(request, result, None)

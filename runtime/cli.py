@@ -1,0 +1,314 @@
+"""``python -m runtime serve|demo|classify``: the server, the end-to-end demo, one-off classification."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
+from runtime.engines import ENGINES, InferenceEngine, make_engine
+from runtime.registry import TaskRegistry
+from runtime.task_store import MODES
+
+log = logging.getLogger("e2vpt.cli")
+_STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_FIELDS}
+        text = super().format(record)
+        return text + "".join(f" {k}={v}" for k, v in extras.items())
+
+
+def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="vit_base_patch16_224", choices=sorted(ARCHITECTURES))
+    parser.add_argument(
+        "--weights", required=True, help="backbone weights (.safetensors or weights-only .pth), or 'random'"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--engine", choices=ENGINES, default="torch")
+    parser.add_argument("--onnx", help="exported graph for --engine onnxruntime (default: exported at start)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (torch or onnxruntime)")
+
+
+def build_engine(args: argparse.Namespace) -> InferenceEngine:
+    backbone = Backbone.create(args.backbone, args.weights, seed=args.seed)
+    if args.weights == RANDOM_WEIGHTS:
+        log.warning(
+            "backbone weights are RANDOM, not pretrained: outputs are meaningless",
+            extra={"backbone": args.backbone, "seed": args.seed},
+        )
+    backbone.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    return engine_for(backbone, args.engine, args.onnx, args.threads)
+
+
+def engine_for(backbone: Backbone, name: str, onnx: str | None, threads: int | None) -> InferenceEngine:
+    options: dict[str, Any] = {}
+    if name == "onnxruntime":
+        options = {"onnx_path": onnx, "threads": threads}
+    elif threads:
+        torch.set_num_threads(threads)
+    return make_engine(name, backbone, TaskRegistry(backbone), **options)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-dir", required=True, help="directory of <task id>.safetensors packages")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 disables")
+    parser.add_argument("--model-control-mode", choices=MODES, default="none")
+    parser.add_argument(
+        "--load-task", action="append", default=[], help="explicit mode: load at start ('*': all)"
+    )
+    parser.add_argument("--poll-seconds", type=float, default=5.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument("--grace-seconds", type=float, default=10.0)
+    parser.add_argument("--max-message-mb", type=int, default=64)
+    parser.add_argument("--tls-cert", help="PEM certificate chain for TLS on --port")
+    parser.add_argument("--tls-key", help="PEM private key for TLS on --port")
+
+
+def server_config(args: argparse.Namespace) -> Any:
+    from runtime.server import ServerConfig
+
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        task_dir=args.task_dir,
+        model_control_mode=args.model_control_mode,
+        load_tasks=args.load_task,
+        poll_seconds=args.poll_seconds,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue_size=args.max_queue_size,
+        grace_seconds=args.grace_seconds,
+        max_message_mb=args.max_message_mb,
+        metrics_port=args.metrics_port or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+async def _serve(engine: InferenceEngine, config: Any) -> None:
+    from runtime.server import InferenceServer
+
+    server = InferenceServer(engine, config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    engine = build_engine(args)
+    asyncio.run(_serve(engine, server_config(args)))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from runtime.package import load_package
+    from runtime.preprocess import encoded_to_input
+
+    engine = build_engine(args)
+    print(f"backbone {engine.backbone.spec.name}, weights: {engine.backbone.source}")
+    for task_file in args.task:
+        engine.registry.add(load_package(task_file, engine.backbone))
+    for task_id, entry in sorted(engine.registry.snapshot.tasks.items()):
+        pre = entry.package.preprocess
+        images = encoded_to_input([Path(path).read_bytes() for path in args.images], pre)
+        logits = engine.forward(images, [task_id] * len(args.images))
+        print(f"task {task_id} (version {entry.version})")
+        for path, row in zip(args.images, logits, strict=True):
+            scores, indices = row.topk(min(args.top_k, row.numel()))
+            labels = entry.package.labels
+            best = ", ".join(
+                f"{labels[i] if labels else i}={s:.4f}"
+                for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+            )
+            print(f"  {path}: {best}")
+    return 0
+
+
+def demo_images(count: int, size: int = 224, seed: int = 0) -> list[bytes]:
+    """Generated PNG images of varying sizes (gradients and noise): inputs for the demo."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for index in range(count):
+        height, width = size + 17 * index, size + 31 * (index % 3)
+        ramp = torch.linspace(0, 255, width).expand(height, width)
+        noise = torch.rand(height, width, 3, generator=gen) * 64
+        pixels = (ramp[..., None] * torch.tensor([1.0, 0.5, 0.2]) + noise).clamp(0, 255).to(torch.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from runtime.demo import default_backbone, write_demo_tasks
+
+    with tempfile.TemporaryDirectory() as scratch:
+        task_dir = Path(args.task_dir or scratch)
+        print("== e2vpt-serve demo ==")
+        print(
+            "backbone: embedded default ViT-Ti/16 with RANDOM weights (seeded, NOT pretrained): "
+            "labels are arbitrary"
+        )
+        backbone = default_backbone()
+        paths = write_demo_tasks(backbone, task_dir, args.tasks)
+        print(f"wrote {len(paths)} demo task packages to {task_dir}")
+        engine = engine_for(backbone, "torch", None, args.threads)
+        return run_demo(engine, task_dir, args.requests)
+
+
+def run_demo(engine: InferenceEngine, task_dir: Path, requests: int) -> int:
+    """Start a real server on a free loopback port and exercise it with tritonclient."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import aio as aioclient
+
+    from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+
+    config = ServerConfig(host="127.0.0.1", port=0, task_dir=task_dir, max_queue_delay_ms=20, grace_seconds=5)
+    with BackgroundServer(InferenceServer(engine, config)) as server:
+        url = f"127.0.0.1:{server.port}"
+        client = grpcclient.InferenceServerClient(url)
+        print(f"\nserver on {url}: live={client.is_server_live()} ready={client.is_server_ready()}")
+        meta = client.get_server_metadata()
+        print(f"server metadata: {meta.name} {meta.version}, extensions {list(meta.extensions)}")
+        print("repository index:")
+        for model in client.get_model_repository_index().models:
+            print(f"  {model.name:<14} version {model.version or '-':<3} {model.state}")
+        tasks = [m.name for m in client.get_model_repository_index().models if m.state == "READY"]
+        first = client.get_model_metadata(tasks[0])
+        inputs = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in first.inputs)
+        print(
+            f"model metadata of {tasks[0]}: inputs (send one) {inputs}; "
+            f"output logits {list(first.outputs[0].shape)}"
+        )
+
+        images = demo_images(8)
+        size = engine.backbone.spec.img_size
+        pixels = np.random.default_rng(0).integers(0, 256, (2, size + 32, size, 3), dtype=np.uint8)
+
+        async def burst() -> list[tuple[str, str, list[bytes]]]:
+            async with aioclient.InferenceServerClient(url) as aclient:
+
+                async def one(index: int) -> tuple[str, str, list[bytes]]:
+                    task = tasks[index % len(tasks)]
+                    if index % 4 == 3:
+                        tensor = aioclient.InferInput("pixels", list(pixels.shape), "UINT8")
+                        tensor.set_data_from_numpy(pixels)
+                        kind = "uint8 pixels x2"
+                    else:
+                        data = np.array([images[index % len(images)]], dtype=np.object_)
+                        tensor = aioclient.InferInput("image", [1], "BYTES")
+                        tensor.set_data_from_numpy(data)
+                        kind = "PNG image"
+                    wanted = aioclient.InferRequestedOutput("logits", class_count=3)
+                    result = await aclient.infer(task, [tensor], outputs=[wanted])
+                    return task, kind, list(result.as_numpy("logits")[0])
+
+                return await asyncio.gather(*(one(i) for i in range(requests)))
+
+        started = time.perf_counter()
+        answers = asyncio.run(burst())
+        elapsed = time.perf_counter() - started
+        print(f"\n{requests} concurrent requests over {len(tasks)} tasks in {elapsed:.2f} s; top-3 of a few:")
+        for task, kind, top in answers[:6]:
+            shown = ", ".join(item.decode() for item in top)
+            print(f"  {task:<12} {kind:<16} {shown}")
+        print("\nmodel statistics (batching across tasks):")
+        for stats in client.get_inference_statistics().model_stats:
+            sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+            print(
+                f"  {stats.name:<12} requests {stats.inference_stats.success.count:>3}  "
+                f"images {stats.inference_count:>3}  batches {stats.execution_count:>3}  "
+                f"batch sizes seen {dict(sorted(sizes.items()))}"
+            )
+        client.close()
+    print("\nserver shut down cleanly")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve tasks over the KServe v2 gRPC API")
+    _add_backbone_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(run=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", help="embedded default backbone + demo tasks, queried with tritonclient"
+    )
+    demo.add_argument("--task-dir", help="where to write the demo packages (default: a temp dir)")
+    demo.add_argument("--tasks", type=int, default=4)
+    demo.add_argument("--requests", type=int, default=48)
+    demo.add_argument("--threads", type=int)
+    demo.set_defaults(run=cmd_demo)
+
+    classify = commands.add_parser("classify", help="in-process: top-k of images under task packages")
+    _add_backbone_args(classify)
+    classify.add_argument("--task", action="append", required=True, help="task package file (repeatable)")
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("images", nargs="+", help="JPEG/PNG files")
+    classify.set_defaults(run=cmd_classify)
+
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, "WARNING" if args.command == "demo" else args.log_level)
+    return args.run(args)

@@ -1,0 +1,102 @@
+"""Builders shared by the server tests: tiny task packages, a server on loopback, reference forwards."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from runtime.backbone import Backbone
+from runtime.engine import Engine
+from runtime.package import Preprocess, TaskPackage
+from runtime.prompts import TaskPrompts
+from runtime.registry import TaskRegistry
+from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+
+
+def make_package(backbone: Backbone, task_id: str, seed: int, classes: int = 5) -> TaskPackage:
+    spec = backbone.spec
+    prompts = TaskPrompts.random(
+        depth=spec.depth,
+        embed_dim=spec.embed_dim,
+        num_heads=spec.num_heads,
+        num_prompts=4,
+        num_kv=2,
+        num_classes=classes,
+        seed=seed,
+        shared_kv=seed % 2 == 0,
+        pruned_tokens=1,
+        pruned_segments=5,
+    )
+    return TaskPackage.from_prompts(
+        task_id,
+        prompts,
+        backbone,
+        labels=[f"{task_id}-label-{c}" for c in range(classes)],
+        preprocess=Preprocess(input_size=spec.img_size),
+    )
+
+
+def write_tasks(backbone: Backbone, directory: Path, count: int, prefix: str = "task") -> list[TaskPackage]:
+    packages = [make_package(backbone, f"{prefix}-{i}", seed=100 + i, classes=3 + i) for i in range(count)]
+    for package in packages:
+        package.save(directory / f"{package.task_id}.safetensors")
+    return packages
+
+
+def reference_engine(backbone: Backbone, packages: list[TaskPackage]) -> Engine:
+    engine = Engine(backbone, TaskRegistry(backbone))
+    for package in packages:
+        engine.registry.add(package)
+    return engine
+
+
+def start_server(backbone: Backbone, task_dir: Path, **overrides: object) -> BackgroundServer:
+    settings = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "task_dir": task_dir,
+        "model_control_mode": "explicit",
+        "load_tasks": ["*"],
+        "max_batch_size": 16,
+        "max_queue_delay_ms": 20.0,
+        "grace_seconds": 5.0,
+    }
+    settings.update(overrides)
+    return BackgroundServer(
+        InferenceServer(Engine(backbone, TaskRegistry(backbone)), ServerConfig(**settings))
+    )
+
+
+def png_bytes(height: int, width: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def normalized_images(count: int, size: int, seed: int) -> np.ndarray:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+class RecordingEngine:
+    """A real engine that records each batch's task ids and can hold a batch until released."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = engine.registry
+        self.backbone = engine.backbone
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def forward_snapshot(self, snapshot, images, task_ids):
+        self.batches.append(list(task_ids))
+        self.started.set()
+        self.release.wait(10)
+        return self.engine.forward_snapshot(snapshot, images, task_ids)

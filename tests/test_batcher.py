@@ -1,0 +1,136 @@
+"""The dynamic batcher: mixed-task batches, limits, expiry, cancellation, unload mid-queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from runtime.batcher import Batcher, BatcherConfig, DeadlineExpiredError, QueueFullError, ShuttingDownError
+from runtime.engine import Engine
+from runtime.metrics import ServerMetrics
+from runtime.registry import TaskRegistry, UnknownTaskError
+from tests.server_helpers import RecordingEngine, make_package
+
+
+@pytest.fixture
+def engine(tiny_backbone):
+    registry = TaskRegistry(tiny_backbone)
+    for index in range(3):
+        registry.add(make_package(tiny_backbone, f"t{index}", seed=index))
+    return RecordingEngine(Engine(tiny_backbone, registry))
+
+
+def images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def run(batcher: Batcher, coroutine):
+    batcher.start()
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        batcher.stop(5)
+
+
+def test_requests_of_different_tasks_share_a_batch_and_match_direct_forward(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_queue_delay=0.2), ServerMetrics())
+    inputs = [images(n, size, seed=i) for i, n in enumerate((1, 2, 1, 3))]
+    tasks = ["t0", "t1", "t2", "t0"]
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer(t, x) for t, x in zip(tasks, inputs, strict=True)))
+
+    results = run(batcher, main())
+    assert engine.batches == [["t0", "t1", "t1", "t2", "t0", "t0", "t0"]]
+    for task, x, result in zip(tasks, inputs, results, strict=True):
+        expected = torch.stack(engine.engine.forward(x, [task] * x.shape[0]))
+        assert torch.allclose(result.logits, expected, atol=1e-5)
+        assert result.entry.task_id == task and result.batch_rows == 7
+
+
+def test_batches_never_exceed_max_rows_nor_split_a_request(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.2), ServerMetrics())
+
+    async def main():
+        await asyncio.gather(*(batcher.infer("t1", images(n, size)) for n in (3, 2, 2, 1, 4)))
+        with pytest.raises(ValueError, match="exceeds max_batch_size 4"):
+            await batcher.infer("t1", images(5, size))
+
+    run(batcher, main())
+    sizes = [len(batch) for batch in engine.batches]
+    assert sum(sizes) == 12 and max(sizes) <= 4
+
+
+def test_full_queue_rejects_at_once_and_expired_or_cancelled_requests_skip_compute(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    metrics = ServerMetrics()
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=1, max_queue_delay=0, max_queue_size=2), metrics)
+    engine.release.clear()
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer("t0", images(1, size)))
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        expiring = asyncio.ensure_future(batcher.infer("t1", images(1, size), timeout=0.01))
+        cancelled = asyncio.ensure_future(batcher.infer("t2", images(1, size)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError, match="queue is full"):
+            await batcher.infer("t0", images(1, size))
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        await first
+        with pytest.raises(DeadlineExpiredError):
+            await expiring
+
+    run(batcher, main())
+    assert engine.batches == [["t0"]]
+    dropped = {
+        s.labels["reason"]: s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name == "e2vpt_dropped_requests_total"
+    }
+    assert dropped == {"deadline": 1.0, "cancelled": 1.0}
+
+
+def test_task_unloaded_while_queued_fails_only_its_requests(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_queue_delay=0.3), ServerMetrics())
+
+    async def main():
+        pending = [asyncio.ensure_future(batcher.infer(t, images(1, size))) for t in ("t0", "t1", "t2", "t1")]
+        await asyncio.sleep(0.05)
+        engine.registry.remove("t1")
+        return await asyncio.gather(*pending, return_exceptions=True)
+
+    results = run(batcher, main())
+    assert [type(r).__name__ for r in results] == [
+        "BatchResult",
+        "UnknownTaskError",
+        "BatchResult",
+        "UnknownTaskError",
+    ]
+    assert isinstance(results[1], UnknownTaskError)
+    assert engine.batches == [["t0", "t2"]]
+
+
+def test_stop_drains_queued_requests_then_refuses(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=2, max_queue_delay=0.5), ServerMetrics())
+    batcher.start()
+
+    async def main():
+        pending = [asyncio.ensure_future(batcher.infer("t0", images(1, size))) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        stopped = asyncio.get_running_loop().run_in_executor(None, batcher.stop, 10)
+        results = await asyncio.gather(*pending)
+        assert await stopped
+        with pytest.raises(ShuttingDownError):
+            await batcher.infer("t0", images(1, size))
+        return results
+
+    assert len(asyncio.run(main())) == 5
