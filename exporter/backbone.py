@@ -7,19 +7,11 @@ server can rebuild exactly that backbone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
-
 from exporter.checkpoint import ExportError, LoadedTask, read_checkpoint
-from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
-from runtime.package import atomic_write
+from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, recorded_spec
 from runtime.paper_layout import backbone_from_paper
-
-BACKBONE_METADATA = "e2vpt_backbone"
 
 
 def paper_backbone(task: LoadedTask) -> Backbone:
@@ -30,16 +22,10 @@ def paper_backbone(task: LoadedTask) -> Backbone:
         timm_state = backbone_from_paper(task.paper_state)
     except KeyError as error:
         raise ExportError(f"{task.path}: backbone key {error.args[0]!r} is missing") from error
-    # Built on the meta device: timm's random init would be overwritten anyway, and is slow for ViT-B.
-    with torch.device("meta"):
-        model = task.spec.build()
-    timm_state = {k: v.float().contiguous() for k, v in timm_state.items()}
     try:
-        model.load_state_dict(timm_state, strict=True, assign=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise ExportError(f"{task.path}: backbone tensors do not fit {task.spec.name}: {detail}") from error
-    return Backbone(model, task.spec, source=f"{task.path} (paper checkpoint)")
+        return Backbone.from_state_dict(task.spec, timm_state, source=f"{task.path} (paper checkpoint)")
+    except BackboneError as error:
+        raise ExportError(f"{task.path}: {error}") from error
 
 
 def resolve_backbone(
@@ -136,26 +122,19 @@ def _check_fits(task: LoadedTask, backbone: Backbone) -> None:
 
 
 def save_backbone(backbone: Backbone, path: str | Path) -> Path:
-    """Write the timm state dict as safetensors, atomically; the header records spec and fingerprint."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ExportError(f"{path}: the backbone is written as safetensors; name the file *.safetensors")
-    state = {k: v.detach().contiguous() for k, v in backbone.model.state_dict().items()}
-    header = {BACKBONE_METADATA: json.dumps(backbone.describe())}
-    return atomic_write(path, lambda: save(state, metadata=header))
+    """``Backbone.save``, with its errors reported as export errors."""
+    try:
+        return backbone.save(path)
+    except BackboneError as error:
+        raise ExportError(str(error)) from error
 
 
 def read_backbone_spec(path: str | Path) -> BackboneSpec | None:
-    """The architecture recorded in a file ``save_backbone`` wrote; ``None`` for other files."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
+    """``recorded_spec``, with its errors reported as export errors."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(BACKBONE_METADATA)
-        return None if raw is None else BackboneSpec.from_dict(json.loads(raw)["spec"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
-        raise ExportError(f"{path}: header {BACKBONE_METADATA!r} is unreadable: {error}") from error
+        return recorded_spec(path)
+    except BackboneError as error:
+        raise ExportError(str(error)) from error
 
 
 def extract_backbone(

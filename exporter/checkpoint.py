@@ -29,7 +29,8 @@ from torch import Tensor
 
 from runtime import paper_layout as keys
 from runtime.backbone import ARCHITECTURES, BackboneError, BackboneSpec
-from runtime.package import Preprocess, atomic_write
+from runtime.files import atomic_write
+from runtime.package import Preprocess
 from runtime.prompts import DEFAULT_SEGMENTS, TaskPrompts
 
 NATIVE_METADATA = "e2vpt_native"

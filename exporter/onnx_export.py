@@ -23,6 +23,7 @@ import torch
 from exporter.backbone import read_backbone_spec
 from exporter.checkpoint import ExportError
 from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
+from runtime.files import atomic_write
 from runtime.onnx_engine import session_options
 from runtime.onnx_graph import (
     DEFAULT_OPSET,
@@ -31,7 +32,6 @@ from runtime.onnx_graph import (
     fuse_transformer,
     operator_counts,
 )
-from runtime.package import atomic_write
 
 PROG = "python -m exporter onnx"
 # Parity of the exported graph with PyTorch on a random batch, fp32.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 RANDOM_WEIGHTS = "random"
+# Header key of a backbone file this project wrote: ``{"spec": ..., "fingerprint": ..., "source": ...}``.
+BACKBONE_METADATA = "e2vpt_backbone"
 
 # Named architectures (patch 16, 224 px, CLS pooling); any other shape goes through ``BackboneSpec``.
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -117,6 +120,21 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def recorded_spec(path: str | Path) -> BackboneSpec | None:
+    """The architecture recorded in a file ``Backbone.save`` wrote; ``None`` for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(BACKBONE_METADATA)
+        return None if raw is None else BackboneSpec.from_dict(json.loads(raw)["spec"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+        raise BackboneError(f"{path}: header {BACKBONE_METADATA!r} is unreadable: {error}") from error
+
+
 class Backbone:
     """A frozen timm ViT in eval mode with the record that tasks are checked against."""
 
@@ -129,27 +147,55 @@ class Backbone:
     @classmethod
     def create(
         cls,
-        spec: BackboneSpec | str,
+        spec: BackboneSpec | str | None,
         weights: str | Path = RANDOM_WEIGHTS,
         seed: int = 0,
     ) -> Backbone:
-        """Build ``spec`` and load ``weights`` (a file) or draw seeded random ones (``"random"``)."""
+        """Build ``spec`` and load ``weights`` (a file) or draw seeded random ones (``"random"``).
+
+        ``spec=None`` takes the architecture recorded in the weights file's header.
+        """
+        if spec is None:
+            if str(weights) == RANDOM_WEIGHTS:
+                raise BackboneError("random weights need an architecture: name the backbone")
+            spec = recorded_spec(weights)
+            if spec is None:
+                raise BackboneError(f"{weights}: no architecture recorded in the file; name the backbone")
         spec = BackboneSpec.named(spec) if isinstance(spec, str) else spec
         if str(weights) == RANDOM_WEIGHTS:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = spec.build()
             return cls(model, spec, source=f"random(seed={seed}) - NOT pretrained, for demos and tests")
-        model = spec.build()
-        state = read_weights(weights)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        state = {k: v for k, v in read_weights(weights).items() if not k.startswith("head.")}
+        return cls.from_state_dict(spec, state, source=str(weights))
+
+    @classmethod
+    def from_state_dict(cls, spec: BackboneSpec, state: dict[str, Tensor], source: str) -> Backbone:
+        """A backbone of ``spec`` holding exactly ``state`` (timm names, no classifier), in fp32."""
+        with torch.device("meta"):  # random init would be overwritten anyway, and is slow for large ViTs
+            model = spec.build()
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())[:400]
+            raise BackboneError(f"backbone weights {source} do not fit {spec.name}: {detail}") from error
+        return cls(model, spec, source=source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the timm state dict as safetensors, atomically; the header records spec and fingerprint."""
+        from safetensors.torch import save
+
+        from runtime.files import atomic_write
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
             raise BackboneError(
-                f"backbone weights {weights} do not fit {spec.name}: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                f"{path}: the backbone is written as safetensors; name the file *.safetensors"
             )
-        return cls(model, spec, source=str(weights))
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        header = {BACKBONE_METADATA: json.dumps(self.describe())}
+        return atomic_write(path, lambda: save(state, metadata=header))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backbone:
         """Move/cast in place; the fingerprint stays that of the loaded weights."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from runtime.attention import BACKENDS
 from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
 from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.registry import TaskRegistry
@@ -63,7 +64,11 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="vit_base_patch16_224", choices=sorted(ARCHITECTURES))
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(ARCHITECTURES),
+        help="architecture (default: the one recorded in --weights by `python -m exporter backbone`)",
+    )
     parser.add_argument(
         "--weights", required=True, help="backbone weights (.safetensors or weights-only .pth), or 'random'"
     )
@@ -73,6 +78,12 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="torch")
     parser.add_argument("--onnx", help="exported graph for --engine onnxruntime (default: exported at start)")
     parser.add_argument("--threads", type=int, help="intra-op threads (torch or onnxruntime)")
+    parser.add_argument(
+        "--attention",
+        choices=BACKENDS,
+        default="auto",
+        help="torch engine's attention: auto = the Triton kernel on CUDA, PyTorch SDPA elsewhere",
+    )
 
 
 def build_engine(args: argparse.Namespace) -> InferenceEngine:
@@ -83,15 +94,19 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
             extra={"backbone": args.backbone, "seed": args.seed},
         )
     backbone.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    return engine_for(backbone, args.engine, args.onnx, args.threads)
+    return engine_for(backbone, args.engine, args.onnx, args.threads, args.attention)
 
 
-def engine_for(backbone: Backbone, name: str, onnx: str | None, threads: int | None) -> InferenceEngine:
+def engine_for(
+    backbone: Backbone, name: str, onnx: str | None, threads: int | None, attention: str = "auto"
+) -> InferenceEngine:
     options: dict[str, Any] = {}
     if name == "onnxruntime":
         options = {"onnx_path": onnx, "threads": threads}
-    elif threads:
-        torch.set_num_threads(threads)
+    else:
+        options = {"attention": attention}
+        if threads:
+            torch.set_num_threads(threads)
     return make_engine(name, backbone, TaskRegistry(backbone), **options)
 
 
@@ -311,4 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     configure_logging(args.log_format, "WARNING" if args.command == "demo" else args.log_level)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, RuntimeError) as error:  # bad files and settings: say what, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1

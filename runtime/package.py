@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from runtime.backbone import Backbone, BackboneSpec
+from runtime.files import atomic_write
 from runtime.prompts import TaskPrompts
 
 FORMAT_NAME = "e2vpt-task"
@@ -253,23 +251,6 @@ class TaskPackage:
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temp file in the same folder, fsynced, then renamed over ``path``."""
         return atomic_write(Path(path), self.to_bytes)
-
-
-def atomic_write(path: Path, produce: Callable[[], bytes]) -> Path:
-    """Write ``produce()`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = produce()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_package(path: str | Path, backbone: Backbone | None = None) -> TaskPackage:
