@@ -1,0 +1,531 @@
+"""Scale benchmark: memory per loaded task, throughput with 1..1000 tasks loaded, load/replace latency.
+
+* Memory: each task's bytes in the registry (``TaskRegistry.memory()``: prefix rows and head) against
+  its package's tensor bytes, and the process's resident memory (VmRSS) before and after loading all
+  tasks, per task: that also counts the table slack (tables grow by doubling, padded to the longest
+  prefix) and whatever else a loaded task keeps alive.
+* Throughput: one registry per count (1, 10, 100, 1000 tasks of the paper's settings), each running
+  a mixed batch of 8 rows drawn from its own loaded tasks, interleaved round-robin. Task 0 has the
+  longest prefix, so every registry attends over the same prefix length and the comparison isolates
+  the number of loaded tasks.
+* Load latency of one task into a registry of 10: ``load_package`` from disk, ``registry.add`` (hot
+  load: compile and publish) and replacing a loaded task by a new version.
+* One model per task: the memory such a deployment needs for the same tasks, computed (a full fp32
+  backbone plus head per task) and measured (RSS growth per deep copy of the backbone, for a few).
+
+Weights are seeded random ViTs and tasks (nothing is downloaded). The full run (ViT-B/16) takes about
+6-10 minutes on a 2-core CPU and about 5 GB of memory; ``--quick`` (ViT-Ti, up to 100 tasks) well
+under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import multiprocessing
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    backbone_spec,
+    interleaved,
+    machine,
+    machine_markdown,
+    markdown_table,
+    paired_ratios,
+    print_machine,
+    rss_bytes,
+    summarize,
+    verdict,
+    write_results,
+)
+from benchmarks.forward import task_prompts
+from runtime.backbone import Backbone, BackboneSpec
+from runtime.engine import Engine
+from runtime.package import TaskPackage, load_package
+from runtime.registry import TaskRegistry
+
+THROUGHPUT_TARGET = 0.95  # throughput with the most tasks loaded, as a share of one task's
+MEMORY_TARGET = 1.2  # task bytes in memory / package tensor bytes
+HOT_LOAD_TARGET_MS = 20.0
+# Task i gets setting i + 1 of runtime.demo.DEMO_SETTINGS: task 0 is (Np 32, T 5), the longest prefix.
+SETTING_OFFSET = 1
+MIB = 2**20
+
+
+@dataclass
+class TasksConfig:
+    backbone: str = "vit_base_patch16_224"
+    loaded_counts: Sequence[int] = (1, 10, 100, 1000)
+    batch: int = 8
+    warmup: int = 1
+    reps: int = 5
+    max_reps: int = 30
+    budget_seconds: float = 30.0
+    load_reps: int = 50
+    model_copies: int = 3
+    threads: int | None = None
+    seed: int = 0
+    output_dir: Path | None = RESULTS_DIR
+    spec: BackboneSpec | None = field(default=None, repr=False)  # overrides ``backbone`` (tests)
+
+    def __post_init__(self) -> None:
+        if not self.loaded_counts or min(self.loaded_counts) < 1:
+            raise ValueError(f"loaded task counts must be positive, got {list(self.loaded_counts)}")
+        if self.batch < 1 or self.load_reps < 1 or self.model_copies < 0:
+            raise ValueError("batch and load_reps must be positive, model_copies non-negative")
+
+
+QUICK = {
+    "output_dir": RESULTS_DIR / "quick",
+    "backbone": "vit_tiny_patch16_224",
+    "loaded_counts": (1, 10, 100),
+    "reps": 3,
+    "max_reps": 10,
+    "budget_seconds": 2.0,
+    "load_reps": 20,
+    "model_copies": 2,
+}
+
+
+def make_package(backbone: Backbone, index: int) -> TaskPackage:
+    prompts = task_prompts(backbone.spec, index + SETTING_OFFSET)
+    return TaskPackage.from_prompts(f"task-{index}", prompts, backbone)
+
+
+def measure_task_memory(
+    backbone: Backbone, count: int
+) -> tuple[TaskRegistry, list[TaskPackage], dict[str, Any]]:
+    """Load ``count`` freshly made tasks into a new registry and account for the memory they take."""
+    gc.collect()
+    before = rss_bytes()
+    registry = TaskRegistry(backbone)
+    packages = []
+    for index in range(count):
+        package = make_package(backbone, index)
+        registry.add(package)
+        packages.append(package)
+    gc.collect()
+    grown = rss_bytes() - before
+    report = registry.memory()
+    tables = report.pop("__tables_allocated__")
+    package_bytes = sum(p.tensor_bytes for p in packages)
+    per_task = [report[p.task_id] / p.tensor_bytes for p in packages]
+    memory = {
+        "tasks": count,
+        "package_tensor_bytes_total": package_bytes,
+        "registry_task_bytes_total": sum(report.values()),
+        "registry_tables_allocated_bytes": tables,
+        "rss_growth_bytes": grown,
+        "rss_growth_per_task_bytes": grown / count,
+        "registry_bytes_over_package_bytes": {
+            "median": sorted(per_task)[len(per_task) // 2],
+            "min": min(per_task),
+            "max": max(per_task),
+        },
+        "allocated_over_package_bytes": tables / package_bytes,
+        "rss_over_package_bytes": grown / package_bytes,
+        "by_setting": setting_memory(packages, report),
+    }
+    return registry, packages, memory
+
+
+def setting_memory(packages: Sequence[TaskPackage], report: dict[str, int]) -> list[dict[str, Any]]:
+    seen: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for package in packages:
+        key = (package.num_kept + package.num_pruned, package.num_kv, package.num_pruned)
+        if key not in seen:
+            seen[key] = {
+                "prompts": key[0],
+                "kv_prompts": key[1],
+                "pruned_tokens": key[2],
+                "kv_shared": package.kv_shared,
+                "package_tensor_bytes": package.tensor_bytes,
+                "registry_bytes": report[package.task_id],
+                "ratio": report[package.task_id] / package.tensor_bytes,
+            }
+    return list(seen.values())
+
+
+def throughput(
+    backbone: Backbone, packages: Sequence[TaskPackage], config: TasksConfig, largest: TaskRegistry
+) -> dict[str, Any]:
+    """Images/s of one mixed batch per registry size, interleaved; ratios to the 1-task registry."""
+    spec = backbone.spec
+    images = torch.randn(
+        config.batch, 3, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(config.seed)
+    )
+    registries: dict[int, TaskRegistry] = {}
+    for count in config.loaded_counts:
+        if count == len(packages):
+            registries[count] = largest
+            continue
+        registry = TaskRegistry(backbone)
+        for package in packages[:count]:
+            registry.add(package)
+        registries[count] = registry
+    rng = random.Random(config.seed)
+    variants: dict[str, Callable[[], object]] = {}
+    for count, registry in registries.items():
+        rows = [f"task-{rng.randrange(count)}" for _ in range(config.batch)]
+        engine = Engine(backbone, registry)
+        variants[f"{count} loaded"] = lambda e=engine, r=rows: e.forward(images, r)
+    samples = interleaved(variants, config.warmup, config.reps, config.max_reps, config.budget_seconds)
+    base = samples[f"{min(config.loaded_counts)} loaded"]
+    cells = []
+    for count, registry in registries.items():
+        seconds = samples[f"{count} loaded"]
+        cells.append(
+            {
+                "loaded": count,
+                "longest_prefix": registry.snapshot.longest_prefix,
+                "seconds": summarize(seconds),
+                "images_per_second": config.batch / summarize(seconds)["median"],
+                "time_ratio_to_fewest": paired_ratios(seconds, base),
+                "samples": seconds,
+            }
+        )
+    return {"batch": config.batch, "cells": cells}
+
+
+def load_latency(backbone: Backbone, packages: Sequence[TaskPackage], config: TasksConfig) -> dict[str, Any]:
+    """Milliseconds to read one package from disk, hot-load it into a 10-task registry, replace it."""
+    registry = TaskRegistry(backbone)
+    for package in packages[:10]:
+        registry.add(package)
+    probe = make_package(backbone, 1)  # a (10, 5) task, the paper's most common setting
+    timings: dict[str, list[float]] = {"load_package": [], "add": [], "replace": []}
+    with tempfile.TemporaryDirectory(prefix="e2vpt-bench-load-") as scratch:
+        path = probe.save(Path(scratch) / "probe.safetensors")
+        load_package(path, backbone)
+        for rep in range(config.load_reps + 1):
+            begin = time.perf_counter()
+            loaded = load_package(path, backbone)
+            read = time.perf_counter() - begin
+            fresh = dataclasses.replace(loaded, task_id=f"probe-{rep}")
+            begin = time.perf_counter()
+            registry.add(fresh)
+            added = time.perf_counter() - begin
+            registry.remove(fresh.task_id)
+            begin = time.perf_counter()
+            registry.add(dataclasses.replace(loaded, task_id="probe-replaced"))
+            replaced = time.perf_counter() - begin
+            if rep:  # the first round warms caches and allocators
+                timings["load_package"].append(read)
+                timings["add"].append(added)
+                timings["replace"].append(replaced)
+    result: dict[str, Any] = {
+        name: {k: v * 1e3 if k != "n" else v for k, v in summarize(values).items()}
+        for name, values in timings.items()
+    }
+    result["package_file_bytes"] = path.stat().st_size if path.exists() else None
+    result["prefix_len"] = registry.get("probe-replaced").prefix_len
+    result["hot_load_status"] = verdict(result["add"]["median"], HOT_LOAD_TARGET_MS)
+    return result
+
+
+def copy_growth(spec: BackboneSpec, seed: int, copies: int) -> float:
+    """Resident memory growth per deep copy of a freshly built backbone, in bytes."""
+    backbone = Backbone.create(spec, "random", seed=seed)
+    gc.collect()
+    before = rss_bytes()
+    models = [copy.deepcopy(backbone.model) for _ in range(copies)]
+    grown = rss_bytes() - before
+    del models
+    return grown / copies
+
+
+def model_per_task(backbone: Backbone, config: TasksConfig, ours: dict[str, Any]) -> dict[str, Any]:
+    """Memory of one full model per task: computed for every count, measured for a few deep copies."""
+    params = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    measured = None
+    if config.model_copies:
+        # A fresh process: this one's freed heap would be reused by the copies and hide their size.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            measured = pool.apply(copy_growth, (backbone.spec, config.seed, config.model_copies))
+    per_task = ours["rss_growth_per_task_bytes"]
+    rows = []
+    for count in config.loaded_counts:
+        rows.append(
+            {
+                "tasks": count,
+                "one_model_per_task_bytes": count * params,
+                "ours_bytes": params + count * per_task,
+                "ratio": count * params / (params + count * per_task),
+            }
+        )
+    return {
+        "backbone_weight_bytes": params,
+        "measured_rss_per_copy_bytes": measured,
+        "copies_measured": config.model_copies,
+        "ours_per_task_bytes_used": per_task,
+        "by_count": rows,
+    }
+
+
+def run(config: TasksConfig) -> dict[str, Any]:
+    """Run the benchmark; writes results under ``config.output_dir`` (unless None) and returns them."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    spec = config.spec or backbone_spec(config.backbone)
+    info = machine()
+    print_machine(info)
+    backbone = Backbone.create(spec, "random", seed=config.seed)
+    started = time.perf_counter()
+    largest, packages, memory = measure_task_memory(backbone, max(config.loaded_counts))
+    memory["load_all_seconds"] = time.perf_counter() - started
+    print(
+        f"loaded {len(packages)} tasks in {memory['load_all_seconds']:.1f} s; "
+        f"RSS +{memory['rss_growth_bytes'] / MIB:.1f} MiB"
+    )
+    speed = throughput(backbone, packages, config, largest)
+    for cell in speed["cells"]:
+        print(f"{cell['loaded']:>5} loaded: {cell['images_per_second']:.2f} images/s (batch {config.batch})")
+    latency = load_latency(backbone, packages, config)
+    print(
+        f"hot load p50 {latency['add']['median']:.2f} ms, replace p50 {latency['replace']['median']:.2f} ms"
+    )
+    results: dict[str, Any] = {
+        "benchmark": "tasks",
+        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")},
+        "backbone": spec.to_dict(),
+        "machine": info,
+        "memory": memory,
+        "throughput": speed,
+        "load_latency": latency,
+        "model_per_task": model_per_task(backbone, config, memory),
+    }
+    results["targets"] = targets(results)
+    print(render_markdown(results))
+    if config.output_dir is not None:
+        written = write_results(
+            "tasks", results, render_markdown(results), plotter(results), config.output_dir
+        )
+        results["written"] = {k: str(v) for k, v in written.items()}
+    return results
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    cells = results["throughput"]["cells"]
+    most = max(cells, key=lambda c: c["loaded"])
+    fewest = min(cells, key=lambda c: c["loaded"])
+    share = 1 / most["time_ratio_to_fewest"]["median"]
+    memory = results["memory"]
+    task_ratio = memory["registry_bytes_over_package_bytes"]["median"]
+    hot = results["load_latency"]["add"]["median"]
+    return [
+        {
+            "target": f"throughput with {most['loaded']} tasks / with {fewest['loaded']}",
+            "value": share,
+            "limit": f">= {THROUGHPUT_TARGET}",
+            "status": verdict(share, THROUGHPUT_TARGET, smaller_is_better=False),
+        },
+        {
+            "target": "task bytes in the registry / package tensor bytes (median task)",
+            "value": task_ratio,
+            "limit": f"<= {MEMORY_TARGET}",
+            "status": verdict(task_ratio, MEMORY_TARGET),
+        },
+        {
+            "target": "resident memory growth per task / package tensor bytes",
+            "value": memory["rss_over_package_bytes"],
+            "limit": f"<= {MEMORY_TARGET}",
+            "status": verdict(memory["rss_over_package_bytes"], MEMORY_TARGET),
+        },
+        {
+            "target": "one-task hot load p50 (ms)",
+            "value": hot,
+            "limit": f"<= {HOT_LOAD_TARGET_MS}",
+            "status": verdict(hot, HOT_LOAD_TARGET_MS),
+        },
+    ]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    memory, latency, per_task = results["memory"], results["load_latency"], results["model_per_task"]
+    lines = [
+        f"# Task scale benchmark: {results['backbone']['name']} (seeded random weights), fp32",
+        "",
+        machine_markdown(results["machine"]),
+        "",
+        f"## Throughput by loaded tasks (mixed batch of {results['throughput']['batch']} rows "
+        "from the loaded tasks)",
+        "",
+        markdown_table(
+            ["tasks loaded", "longest prefix", "p50 ms", "IQR ms", "n", "images/s", "time x fewest"],
+            [
+                [
+                    c["loaded"],
+                    c["longest_prefix"],
+                    c["seconds"]["median"] * 1e3,
+                    f"{c['seconds']['p25'] * 1e3:.3g}-{c['seconds']['p75'] * 1e3:.3g}",
+                    c["seconds"]["n"],
+                    c["images_per_second"],
+                    c["time_ratio_to_fewest"]["median"],
+                ]
+                for c in results["throughput"]["cells"]
+            ],
+        ),
+        "",
+        f"## Memory of {memory['tasks']} loaded tasks",
+        "",
+        markdown_table(
+            ["setting (Np, T, pruned)", "KV shared", "package bytes", "registry bytes", "ratio"],
+            [
+                [
+                    f"({s['prompts']}, {s['kv_prompts']}, {s['pruned_tokens']})",
+                    s["kv_shared"],
+                    s["package_tensor_bytes"],
+                    s["registry_bytes"],
+                    s["ratio"],
+                ]
+                for s in memory["by_setting"]
+            ],
+        ),
+        "",
+        f"All {memory['tasks']} tasks: package tensors {memory['package_tensor_bytes_total'] / MIB:.1f} MiB, "
+        f"registry task bytes {memory['registry_task_bytes_total'] / MIB:.1f} MiB, tables allocated "
+        f"{memory['registry_tables_allocated_bytes'] / MIB:.1f} MiB, resident memory growth "
+        f"{memory['rss_growth_bytes'] / MIB:.1f} MiB "
+        f"({memory['rss_over_package_bytes']:.2f}x the package bytes).",
+        "",
+        "## Loading one task (registry of 10, ms)",
+        "",
+        markdown_table(
+            ["step", "p50", "p95", "max", "n"],
+            [
+                [
+                    name,
+                    latency[name]["median"],
+                    latency[name]["p95"],
+                    latency[name]["max"],
+                    latency[name]["n"],
+                ]
+                for name in ("load_package", "add", "replace")
+            ],
+        ),
+        "",
+        "## One model per task vs ours",
+        "",
+        f"A full backbone is {per_task['backbone_weight_bytes'] / MIB:.1f} MiB of weights"
+        + (
+            "; measured resident growth per deep copy: "
+            f"{per_task['measured_rss_per_copy_bytes'] / MIB:.1f} MiB "
+            f"({per_task['copies_measured']} copies)."
+            if per_task["measured_rss_per_copy_bytes"] is not None
+            else "."
+        ),
+        "",
+        markdown_table(
+            ["tasks", "one model per task MiB", "ours MiB", "ratio"],
+            [
+                [r["tasks"], r["one_model_per_task_bytes"] / MIB, r["ours_bytes"] / MIB, r["ratio"]]
+                for r in per_task["by_count"]
+            ],
+        ),
+        "",
+        "## Targets",
+        "",
+        markdown_table(
+            ["target", "value", "limit", "status"],
+            [[t["target"], t["value"], t["limit"], t["status"]] for t in results["targets"]],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
+    def plot(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        figure, (speed, memory) = plt.subplots(1, 2, figsize=(12, 5))
+        cells = results["throughput"]["cells"]
+        speed.plot([c["loaded"] for c in cells], [c["images_per_second"] for c in cells], marker="o")
+        speed.set_xscale("log")
+        speed.set_xlabel("tasks loaded")
+        speed.set_ylabel(f"images/s (mixed batch of {results['throughput']['batch']})")
+        speed.set_ylim(bottom=0)
+        rows = results["model_per_task"]["by_count"]
+        counts = [r["tasks"] for r in rows]
+        memory.plot(
+            counts,
+            [r["one_model_per_task_bytes"] / MIB for r in rows],
+            marker="o",
+            label="one model per task",
+        )
+        memory.plot(
+            counts, [r["ours_bytes"] / MIB for r in rows], marker="o", label="ours (one backbone + tasks)"
+        )
+        memory.set_xscale("log")
+        memory.set_yscale("log")
+        memory.set_xlabel("tasks")
+        memory.set_ylabel("MiB")
+        memory.legend()
+        for axis in (speed, memory):
+            axis.grid(alpha=0.3)
+        figure.suptitle(f"tasks, {results['backbone']['name']}, {results['machine']['cpu_model']}")
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=110)
+        plt.close(figure)
+
+    return plot
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tasks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = TasksConfig()
+    parser.add_argument("--quick", action="store_true", help="ViT-Ti, up to 100 tasks, few repetitions")
+    parser.add_argument(
+        "--backbone", help=f"named ViT or 'tiny' (default {defaults.backbone}; quick: ViT-Ti)"
+    )
+    parser.add_argument(
+        "--loaded-counts", type=int, nargs="+", help=f"default {list(defaults.loaded_counts)}"
+    )
+    parser.add_argument("--batch", type=int, help=f"rows per mixed batch ({defaults.batch})")
+    parser.add_argument("--reps", type=int, help=f"minimum interleaved rounds ({defaults.reps})")
+    parser.add_argument(
+        "--budget-seconds", type=float, help=f"keep adding rounds until this long ({defaults.budget_seconds})"
+    )
+    parser.add_argument("--load-reps", type=int, help=f"load/replace repetitions ({defaults.load_reps})")
+    parser.add_argument(
+        "--model-copies", type=int, help=f"backbone copies measured ({defaults.model_copies})"
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
+    args = parser.parse_args(argv)
+    config = TasksConfig(**QUICK) if args.quick else TasksConfig()
+    overrides = {
+        "backbone": args.backbone,
+        "loaded_counts": args.loaded_counts,
+        "batch": args.batch,
+        "reps": args.reps,
+        "budget_seconds": args.budget_seconds,
+        "load_reps": args.load_reps,
+        "model_copies": args.model_copies,
+        "threads": args.threads,
+        "output_dir": args.output_dir,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

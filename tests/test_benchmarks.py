@@ -1,0 +1,160 @@
+"""Smoke runs of the benchmarks on a tiny ViT, their statistics helpers and the fast paper baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import forward, serve, tasks
+from benchmarks.common import interleaved, paired_ratios, percentile, summarize
+from runtime.backbone import Backbone
+from runtime.demo import DEMO_SETTINGS
+from runtime.paper_layout import to_paper_state_dict
+from runtime.reference import paper_forward
+from tests.conftest import TINY
+
+
+def test_percentile_and_summary_interpolate() -> None:
+    samples = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(samples, 50) == pytest.approx(2.5)
+    assert percentile(samples, 100) == 4.0
+    stats = summarize(samples)
+    assert (stats["median"], stats["p25"], stats["p75"], stats["n"]) == (2.5, 1.75, 3.25, 4)
+    assert paired_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])["median"] == 2.0
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 50)
+
+
+def test_interleaved_runs_every_variant_once_per_round_in_rotating_order() -> None:
+    calls: list[str] = []
+    variants = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    samples = interleaved(variants, warmup=1, min_reps=3)
+    assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+@pytest.mark.parametrize("index", range(len(DEMO_SETTINGS)))
+def test_sequence_insertion_baseline_equals_the_paper_forward(index: int) -> None:
+    backbone = Backbone.create(TINY, "random", seed=3)
+    prompts = forward.task_prompts(TINY, index)
+    images = torch.randn(3, 3, TINY.img_size, TINY.img_size, generator=torch.Generator().manual_seed(index))
+    expected = paper_forward(
+        to_paper_state_dict(backbone.model.state_dict(), prompts), images, TINY.num_heads
+    )
+    torch.testing.assert_close(
+        forward.SequenceInsertion(backbone, prompts)(images), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def _written(results: dict, name: str) -> dict:
+    assert set(results["written"]) == {"json", "md", "png"}
+    for path in results["written"].values():
+        assert path.endswith(f"{name}.{path.rsplit('.', 1)[1]}")
+    with open(results["written"]["json"]) as handle:
+        return json.load(handle)
+
+
+def test_forward_smoke(tmp_path) -> None:
+    config = forward.ForwardConfig(
+        spec=TINY,
+        batch_sizes=(1, 3),
+        reps=2,
+        max_reps=2,
+        budget_seconds=0.0,
+        warmup=1,
+        agreement_images=4,
+        agreement_batch=2,
+        output_dir=tmp_path,
+    )
+    results = forward.run(config)
+    saved = _written(results, "forward")
+    variants = {cell["variant"] for cell in saved["cells"]}
+    assert {
+        "plain fp32",
+        "plain bf16",
+        "ours mixed-8 fp32",
+        "ours mixed-8 bf16",
+        "onnxruntime mixed-8 fp32",
+    } <= variants
+    assert {f"paper {forward.setting_name(i)} fp32" for i in forward.PAPER_SETTINGS} <= variants
+    assert len(saved["cells"]) == 2 * len(variants)
+    assert all(cell["seconds"]["n"] == 2 and cell["seconds"]["median"] > 0 for cell in saved["cells"])
+    assert saved["bf16_agreement"]["images"] == 4
+    assert {target["status"] for target in saved["targets"]} <= {"met", "MISSED"}
+    assert "| batch | variant |" in (tmp_path / "forward.md").read_text()
+
+
+def test_forward_config_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="dtypes"):
+        forward.ForwardConfig(dtypes=("fp16",))
+    with pytest.raises(ValueError, match="batch sizes"):
+        forward.ForwardConfig(batch_sizes=(0,))
+    assert forward.parse_args(["--quick", "--batch-sizes", "2"]).batch_sizes == [2]
+
+
+def test_serve_smoke(tmp_path) -> None:
+    config = serve.ServeConfig(
+        spec=TINY,
+        server="inprocess",
+        task_counts=(1, 2),
+        concurrency=(1, 3),
+        requests_per_cell=6,
+        seconds_per_cell=5.0,
+        warmup_requests=1,
+        overhead_blocks=1,
+        overhead_block_size=3,
+        output_dir=tmp_path,
+    )
+    saved = _written(serve.run(config), "serve")
+    # 2 batching modes x (1 task uniform + 2 tasks uniform/zipf) x 2 concurrency levels
+    assert len(saved["cells"]) == 12
+    assert all(cell["errors"] == 0 and cell["completed"] == 6 for cell in saved["cells"])
+    assert {cell["mode"] for cell in saved["cells"]} == {"mixed", "none"}
+    assert "per-task" in saved["not_measured"]
+    overhead = saved["grpc_overhead"]
+    assert overhead["round_trip_ms"]["n"] == 3 and overhead["in_process_forward_ms"]["n"] == 3
+    assert overhead["server_side_mean_ms"]["compute_infer"] > 0
+
+
+def test_serve_config_rejects_a_custom_spec_for_the_subprocess_server() -> None:
+    with pytest.raises(ValueError, match="inprocess"):
+        serve.ServeConfig(spec=TINY, server="subprocess")
+    assert serve.popularity_weights("zipf", 3, 1.0) == [1.0, 0.5, 1 / 3]
+
+
+def test_tasks_smoke(tmp_path) -> None:
+    config = tasks.TasksConfig(
+        spec=TINY,
+        loaded_counts=(1, 6),
+        reps=2,
+        max_reps=2,
+        budget_seconds=0.0,
+        load_reps=3,
+        model_copies=1,
+        output_dir=tmp_path,
+    )
+    saved = _written(tasks.run(config), "tasks")
+    memory = saved["memory"]
+    assert memory["tasks"] == 6
+    # Every task stores keys and values per prompt: more bytes than the package's one vector per prompt.
+    assert memory["registry_task_bytes_total"] > memory["package_tensor_bytes_total"]
+    assert memory["registry_tables_allocated_bytes"] >= memory["registry_task_bytes_total"]
+    assert [cell["loaded"] for cell in saved["throughput"]["cells"]] == [1, 6]
+    assert all(
+        cell["longest_prefix"] == saved["throughput"]["cells"][0]["longest_prefix"]
+        for cell in saved["throughput"]["cells"]
+    )
+    assert all(saved["load_latency"][step]["n"] == 3 for step in ("load_package", "add", "replace"))
+    per_task = saved["model_per_task"]
+    assert per_task["measured_rss_per_copy_bytes"] > 0
+    assert per_task["by_count"][-1]["one_model_per_task_bytes"] == 6 * per_task["backbone_weight_bytes"]
+
+
+@pytest.mark.parametrize("module", [forward, serve, tasks])
+def test_cli_help(module, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
