@@ -41,15 +41,24 @@ class DeadlineExpiredError(TimeoutError):
     """The request's deadline passed before its batch ran."""
 
 
+BATCHING_MODES = ("mixed", "per-task")
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
+    """``batching``: ``mixed`` lets any tasks share a batch; ``per-task`` batches one task at a time
+    (what a server with one model per task can do, kept for comparison)."""
+
     max_batch_size: int = 32
     max_queue_delay: float = 0.005
     max_queue_size: int = 256
+    batching: str = "mixed"
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
             raise ValueError(f"invalid batcher settings {self}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching {self.batching!r} is not one of {BATCHING_MODES}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class BatchResult:
     batch_rows: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes this very request
 class _Request:
     task_id: str
     images: Tensor
@@ -149,12 +158,13 @@ class Batcher:
             rows = batch[0].rows
             close_at = batch[0].enqueued_ns / 1e9 + cfg.max_queue_delay
             while rows < cfg.max_batch_size:
-                if self._queue:
-                    if rows + self._queue[0].rows > cfg.max_batch_size:
+                candidate = self._candidate(batch[0].task_id)
+                if candidate is not None:
+                    if rows + candidate.rows > cfg.max_batch_size:
                         break
-                    request = self._queue.popleft()
-                    batch.append(request)
-                    rows += request.rows
+                    self._queue.remove(candidate)
+                    batch.append(candidate)
+                    rows += candidate.rows
                     continue
                 remaining = close_at - time.perf_counter_ns() / 1e9
                 if remaining <= 0 or self._stopping:
@@ -162,6 +172,12 @@ class Batcher:
                 self._cond.wait(remaining)
             self.metrics.queue_depth.set(len(self._queue))
         return batch
+
+    def _candidate(self, task_id: str) -> _Request | None:
+        """The next queued request that may join a batch opened by ``task_id``."""
+        if self.config.batching == "mixed":
+            return self._queue[0] if self._queue else None
+        return next((request for request in self._queue if request.task_id == task_id), None)
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:

@@ -19,6 +19,7 @@ import torch
 
 from runtime.attention import BACKENDS
 from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
+from runtime.batcher import BATCHING_MODES
 from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.registry import TaskRegistry
 from runtime.task_store import MODES
@@ -123,6 +124,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument(
+        "--batching",
+        choices=BATCHING_MODES,
+        default="mixed",
+        help="mixed: requests of any tasks share a batch; per-task: one task per batch (for comparison)",
+    )
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--max-message-mb", type=int, default=64)
     parser.add_argument("--tls-cert", help="PEM certificate chain for TLS on --port")
@@ -142,6 +149,7 @@ def server_config(args: argparse.Namespace) -> Any:
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
+        batching=args.batching,
         grace_seconds=args.grace_seconds,
         max_message_mb=args.max_message_mb,
         metrics_port=args.metrics_port or None,
@@ -178,13 +186,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for task_file in args.task:
         engine.registry.add(load_package(task_file, engine.backbone))
     for task_id, entry in sorted(engine.registry.snapshot.tasks.items()):
-        pre = entry.package.preprocess
+        pre = entry.info.preprocess
         images = encoded_to_input([Path(path).read_bytes() for path in args.images], pre)
         logits = engine.forward(images, [task_id] * len(args.images))
         print(f"task {task_id} (version {entry.version})")
         for path, row in zip(args.images, logits, strict=True):
             scores, indices = row.topk(min(args.top_k, row.numel()))
-            labels = entry.package.labels
+            labels = entry.info.labels
             best = ", ".join(
                 f"{labels[i] if labels else i}={s:.4f}"
                 for s, i in zip(scores.tolist(), indices.tolist(), strict=True)

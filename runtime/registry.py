@@ -14,13 +14,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from runtime.backbone import Backbone
+from runtime.backbone import Backbone, BackboneSpec
 from runtime.compile import CompiledTask, compile_task
-from runtime.package import TaskPackage, check_task_id
+from runtime.package import Preprocess, TaskPackage, check_task_id
 
 
 class UnknownTaskError(KeyError):
@@ -31,13 +32,34 @@ class UnknownTaskError(KeyError):
 
 
 @dataclass(frozen=True)
+class TaskInfo:
+    """What a loaded task keeps of its package once compiled: everything but the prompt tensors."""
+
+    labels: list[str] | None
+    preprocess: Preprocess
+    backbone_spec: BackboneSpec
+    backbone_fingerprint: str
+    metadata: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, package: TaskPackage) -> TaskInfo:
+        return cls(
+            labels=package.labels,
+            preprocess=package.preprocess,
+            backbone_spec=package.backbone_spec,
+            backbone_fingerprint=package.backbone_fingerprint,
+            metadata=MappingProxyType(package.metadata()),
+        )
+
+
+@dataclass(frozen=True)
 class TaskEntry:
     """One loaded version of a task."""
 
     task_id: str
     version: int
     slot: int
-    package: TaskPackage
+    info: TaskInfo
     prefix_len: int
     head_weight: Tensor
     head_bias: Tensor
@@ -51,7 +73,7 @@ class TaskEntry:
     @property
     def nbytes(self) -> int:
         """Bytes this task holds: its prefix rows in the tables plus its head."""
-        spec = self.package.backbone_spec
+        spec = self.info.backbone_spec
         prefix = 2 * spec.depth * spec.embed_dim * self.prefix_len * self.head_weight.element_size()
         return prefix + (self.head_weight.numel() + self.head_bias.numel()) * self.head_weight.element_size()
 
@@ -186,7 +208,7 @@ class TaskRegistry:
                 task_id=package.task_id,
                 version=version,
                 slot=slot,
-                package=package,
+                info=TaskInfo.of(package),
                 prefix_len=compiled.prefix_len,
                 head_weight=package.head_weight.to(device=self.backbone.device, dtype=torch.float32),
                 head_bias=package.head_bias.to(device=self.backbone.device, dtype=torch.float32),

@@ -109,6 +109,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
+    batching: str = "mixed"
     grace_seconds: float = 10.0
     max_message_mb: int = 64
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -206,7 +207,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         entry = await self._guard(context, self._entry, request.name, request.version)
-        size = entry.package.preprocess.input_size
+        size = entry.info.preprocess.input_size
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=entry.task_id,
@@ -224,7 +225,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=self.model_config(entry))
 
     def model_config(self, entry: TaskEntry) -> mc.ModelConfig:
-        package, pre = entry.package, entry.package.preprocess
+        info, pre = entry.info, entry.info.preprocess
         device = self.registry.backbone.device
         parameters = {
             "accepted_inputs": "exactly one of: image (BYTES, JPEG/PNG), pixels (UINT8 NHWC), "
@@ -236,9 +237,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             "crop_pct": str(pre.crop_pct),
             "interpolation": pre.interpolation,
             "num_classes": str(entry.num_classes),
-            "labels": "yes" if package.labels else "no",
-            "backbone": package.backbone_spec.name,
-            "backbone_fingerprint": package.backbone_fingerprint,
+            "labels": "yes" if info.labels else "no",
+            "backbone": info.backbone_spec.name,
+            "backbone_fingerprint": info.backbone_fingerprint,
             "prefix_rows": str(entry.prefix_len),
         }
         return mc.ModelConfig(
@@ -262,7 +263,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     name=OUTPUT_NAME,
                     data_type=mc.TYPE_FP32,
                     dims=[entry.num_classes],
-                    label_filename="labels" if package.labels else "",
+                    label_filename="labels" if info.labels else "",
                 )
             ],
             dynamic_batching=mc.ModelDynamicBatching(
@@ -474,7 +475,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"input {spec.name!r} has shape {shape}; "
                 f"its batch dimension must be 1..{self.config.max_batch_size}"
             )
-        pre = entry.package.preprocess
+        pre = entry.info.preprocess
         if spec.name == "image":
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
                 raise InputError(f"input 'image' must have shape [N] or [N, 1], got {shape}")
@@ -529,7 +530,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         logits = result.logits.float()
         for name, count in outputs:
             if count:
-                strings = classification_strings(logits, count, entry.package.labels)
+                strings = classification_strings(logits, count, entry.info.labels)
                 k = min(count, logits.shape[1])
                 response.outputs.add(name=name, datatype="BYTES", shape=[logits.shape[0], k])
                 response.raw_output_contents.append(serialize_bytes(strings))
@@ -549,7 +550,12 @@ class InferenceServer:
         self.store = TaskStore(config.task_dir, engine.registry, config.model_control_mode, self.metrics)
         self.batcher = Batcher(
             engine,
-            BatcherConfig(config.max_batch_size, config.max_queue_delay_ms / 1000, config.max_queue_size),
+            BatcherConfig(
+                config.max_batch_size,
+                config.max_queue_delay_ms / 1000,
+                config.max_queue_size,
+                config.batching,
+            ),
             self.metrics,
         )
         self.preprocess_pool = ThreadPoolExecutor(

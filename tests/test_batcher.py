@@ -51,6 +51,25 @@ def test_requests_of_different_tasks_share_a_batch_and_match_direct_forward(engi
         assert result.entry.task_id == task and result.batch_rows == 7
 
 
+def test_per_task_batching_keeps_tasks_apart_in_arrival_order(engine, tiny_backbone):
+    size = tiny_backbone.spec.img_size
+    config = BatcherConfig(max_batch_size=8, max_queue_delay=0.2, batching="per-task")
+    batcher = Batcher(engine, config, ServerMetrics())
+    tasks = ["t0", "t1", "t0", "t2", "t1", "t0"]
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer(t, images(1, size, seed=i)) for i, t in enumerate(tasks)))
+
+    results = run(batcher, main())
+    assert engine.batches == [["t0", "t0", "t0"], ["t1", "t1"], ["t2"]]
+    assert [result.entry.task_id for result in results] == tasks
+
+
+def test_unknown_batching_mode_is_refused():
+    with pytest.raises(ValueError, match="batching 'round-robin'"):
+        BatcherConfig(batching="round-robin")
+
+
 def test_batches_never_exceed_max_rows_nor_split_a_request(engine, tiny_backbone):
     size = tiny_backbone.spec.img_size
     batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.2), ServerMetrics())
