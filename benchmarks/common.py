@@ -221,6 +221,16 @@ def write_results(
     return paths
 
 
+def save_figure(figure: Any, path: Path, title: str) -> None:
+    """Title, lay out, write as PNG and release a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110)
+    plt.close(figure)
+
+
 def machine_markdown(info: Mapping[str, Any]) -> str:
     return (
         f"Machine: {info['cpu_model']}, {info['usable_cores']} usable cores, torch threads "

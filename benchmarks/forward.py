@@ -41,12 +41,13 @@ from benchmarks.common import (
     markdown_table,
     paired_ratios,
     print_machine,
+    save_figure,
     summarize,
     verdict,
     write_results,
 )
 from runtime.backbone import Backbone, BackboneSpec
-from runtime.demo import DEMO_SETTINGS
+from runtime.demo import DEMO_SETTINGS, demo_prompts
 from runtime.engine import Engine
 from runtime.package import TaskPackage
 from runtime.prompts import TaskPrompts
@@ -59,23 +60,6 @@ PLAIN = "plain"
 MIXED_TARGET = 1.03
 BF16_SPEEDUP_TARGET = 2.5
 BF16_AGREEMENT_TARGET = 0.99
-
-
-def task_prompts(spec: BackboneSpec, index: int) -> TaskPrompts:
-    """Seeded random task number ``index`` in the settings of ``runtime.demo`` (paper sizes, pruned)."""
-    prompts_n, kv_n, pruned_tokens, pruned_segments, classes = DEMO_SETTINGS[index % len(DEMO_SETTINGS)]
-    return TaskPrompts.random(
-        depth=spec.depth,
-        embed_dim=spec.embed_dim,
-        num_heads=spec.num_heads,
-        num_prompts=prompts_n,
-        num_kv=kv_n,
-        num_classes=classes,
-        seed=1000 + index,
-        shared_kv=index % 2 == 0,
-        pruned_tokens=pruned_tokens,
-        pruned_segments=pruned_segments,
-    )
 
 
 def setting_name(index: int) -> str:
@@ -186,7 +170,7 @@ def build_stack(spec: BackboneSpec, dtype: torch.dtype, config: ForwardConfig) -
     backbone = Backbone.create(spec, "random", seed=config.seed).to(dtype=dtype)
     paper, single = {}, {}
     for index in PAPER_SETTINGS:
-        prompts = task_prompts(spec, index)
+        prompts = demo_prompts(spec, index)
         paper[index] = SequenceInsertion(backbone, prompts)
         registry = TaskRegistry(backbone)
         registry.add(TaskPackage.from_prompts(f"task-{index}", prompts, backbone))
@@ -196,7 +180,7 @@ def build_stack(spec: BackboneSpec, dtype: torch.dtype, config: ForwardConfig) -
     for index in range(config.mixed_tasks):
         ids.append(
             registry.add(
-                TaskPackage.from_prompts(f"task-{index}", task_prompts(spec, index), backbone)
+                TaskPackage.from_prompts(f"task-{index}", demo_prompts(spec, index), backbone)
             ).task_id
         )
     return Stack(backbone, paper, single, Engine(backbone, registry), ids)
@@ -468,10 +452,9 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
             axis.grid(alpha=0.3)
         ratio.axhline(1.0, color="black", linewidth=0.8)
         speed.legend(fontsize=7)
-        figure.suptitle(f"forward, {results['backbone']['name']}, {results['machine']['cpu_model']}")
-        figure.tight_layout()
-        figure.savefig(path, format="png", dpi=110)
-        plt.close(figure)
+        save_figure(
+            figure, path, f"forward, {results['backbone']['name']}, {results['machine']['cpu_model']}"
+        )
 
     return plot
 

@@ -48,6 +48,7 @@ from benchmarks.common import (
     markdown_table,
     percentile,
     print_machine,
+    save_figure,
     summarize,
     verdict,
     write_results,
@@ -523,10 +524,9 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
             axis.grid(alpha=0.3)
         latency.set_yscale("log")
         throughput.legend(fontsize=7)
-        figure.suptitle(f"serve over gRPC, {results['backbone']['name']}, {results['machine']['cpu_model']}")
-        figure.tight_layout()
-        figure.savefig(path, format="png", dpi=110)
-        plt.close(figure)
+        save_figure(
+            figure, path, f"serve over gRPC, {results['backbone']['name']}, {results['machine']['cpu_model']}"
+        )
 
     return plot
 

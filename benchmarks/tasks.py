@@ -45,12 +45,13 @@ from benchmarks.common import (
     paired_ratios,
     print_machine,
     rss_bytes,
+    save_figure,
     summarize,
     verdict,
     write_results,
 )
-from benchmarks.forward import task_prompts
 from runtime.backbone import Backbone, BackboneSpec
+from runtime.demo import demo_prompts
 from runtime.engine import Engine
 from runtime.package import TaskPackage, load_package
 from runtime.registry import TaskRegistry
@@ -99,7 +100,7 @@ QUICK = {
 
 
 def make_package(backbone: Backbone, index: int) -> TaskPackage:
-    prompts = task_prompts(backbone.spec, index + SETTING_OFFSET)
+    prompts = demo_prompts(backbone.spec, index + SETTING_OFFSET)
     return TaskPackage.from_prompts(f"task-{index}", prompts, backbone)
 
 
@@ -473,10 +474,8 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
         memory.legend()
         for axis in (speed, memory):
             axis.grid(alpha=0.3)
-        figure.suptitle(f"tasks, {results['backbone']['name']}, {results['machine']['cpu_model']}")
-        figure.tight_layout()
-        figure.savefig(path, format="png", dpi=110)
-        plt.close(figure)
+        backbone, cpu = results["backbone"]["name"], results["machine"]["cpu_model"]
+        save_figure(figure, path, f"tasks, {backbone}, {cpu}")
 
     return plot
 

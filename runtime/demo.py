@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.backbone import RANDOM_WEIGHTS, Backbone
+from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneSpec
 from runtime.package import TaskPackage
 from runtime.prompts import TaskPrompts
 
@@ -18,11 +18,10 @@ def default_backbone() -> Backbone:
     return Backbone.create(DEFAULT_BACKBONE, RANDOM_WEIGHTS, seed=DEFAULT_SEED)
 
 
-def demo_package(backbone: Backbone, index: int, task_id: str | None = None) -> TaskPackage:
-    """Seeded random task number ``index``, cycling through ``DEMO_SETTINGS``."""
+def demo_prompts(spec: BackboneSpec, index: int) -> TaskPrompts:
+    """Seeded random task number ``index`` for ``spec``, cycling through ``DEMO_SETTINGS``."""
     prompts_n, kv_n, pruned_tokens, pruned_segments, classes = DEMO_SETTINGS[index % len(DEMO_SETTINGS)]
-    spec = backbone.spec
-    prompts = TaskPrompts.random(
+    return TaskPrompts.random(
         depth=spec.depth,
         embed_dim=spec.embed_dim,
         num_heads=spec.num_heads,
@@ -34,7 +33,12 @@ def demo_package(backbone: Backbone, index: int, task_id: str | None = None) -> 
         pruned_tokens=pruned_tokens,
         pruned_segments=pruned_segments,
     )
-    labels = [f"class_{c}" for c in range(classes)]
+
+
+def demo_package(backbone: Backbone, index: int, task_id: str | None = None) -> TaskPackage:
+    """``demo_prompts`` packaged for ``backbone``, with labels ``class_<c>``."""
+    prompts = demo_prompts(backbone.spec, index)
+    labels = [f"class_{c}" for c in range(prompts.head_weight.shape[0])]
     return TaskPackage.from_prompts(
         task_id or f"demo-task-{index}",
         prompts,

@@ -1,27 +1,65 @@
-"""Engine selection by name: every engine runs the same mixed-task batches with the same outputs."""
+"""What every engine shares, and engine selection by name.
+
+An engine turns pooled features into per-row logits the same way; engines differ only in how
+they compute the features of a mixed-task batch from a registry snapshot.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.backbone import Backbone
-from runtime.registry import Snapshot, TaskRegistry
+from runtime.registry import Snapshot, TaskEntry, TaskRegistry
 
 ENGINES = ("torch", "onnxruntime")
 
 
-class InferenceEngine(Protocol):
+class InferenceEngine(ABC):
+    """Runs batches of images, each row under its own task, on one backbone and registry."""
+
     backbone: Backbone
     registry: TaskRegistry
 
-    def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]: ...
+    @abstractmethod
+    def features(self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]) -> Tensor:
+        """Final-norm CLS features ``[B, D]`` of ``images``, row ``b`` under task ``entries[b]``."""
 
-    def forward_snapshot(
-        self, snapshot: Snapshot, images: Tensor, task_ids: Sequence[str]
-    ) -> list[Tensor]: ...
+    @torch.inference_mode()
+    def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
+        """Logits (fp32, on CPU) per row, each from its own task's head; ``images [B, 3, S, S]``."""
+        with self.registry.acquire() as snapshot:
+            return self.forward_snapshot(snapshot, images, task_ids)
+
+    @torch.inference_mode()
+    def forward_snapshot(self, snapshot: Snapshot, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
+        """``forward`` on a snapshot the caller holds (one snapshot for a whole server batch)."""
+        size = self.backbone.spec.img_size
+        expected = (len(task_ids), 3, size, size)
+        if tuple(images.shape) != expected:
+            raise ValueError(f"images {tuple(images.shape)} are not {list(expected)}")
+        entries = snapshot.entries(task_ids)
+        if not entries:
+            return []
+        return apply_heads(self.features(snapshot, images, entries), entries)
+
+
+def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:
+    """Each row through its own task's linear head, in fp32.
+
+    One matmul per row, not per task: a GEMM's rounding can depend on how many rows it gets,
+    and a row's logits must not depend on which rows share its batch.
+    """
+    features = features.float()
+    return [
+        F.linear(features[row].to(entry.head_weight.device), entry.head_weight, entry.head_bias).cpu()
+        for row, entry in enumerate(entries)
+    ]
 
 
 def make_engine(name: str, backbone: Backbone, registry: TaskRegistry, **options: Any) -> InferenceEngine:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels.reference import prefix_mask
 from runtime.backbone import Backbone, BackboneSpec
-from runtime.engine import apply_heads
+from runtime.engines import InferenceEngine
 from runtime.onnx_graph import FORMAT_NAME, FORMAT_VERSION, INPUT_NAMES, export_model
 from runtime.registry import Snapshot, TaskEntry, TaskRegistry
 
@@ -59,7 +59,7 @@ def session_options(
     return options
 
 
-class OnnxEngine:
+class OnnxEngine(InferenceEngine):
     """Runs mixed-task batches through an ONNX Runtime session of the exported backbone.
 
     ``onnx_path`` is a file from ``python -m exporter onnx``; without one the backbone is exported
@@ -145,25 +145,6 @@ class OnnxEngine:
         names = tuple(node.name for node in self.session.get_inputs())
         if names != INPUT_NAMES:
             raise OnnxEngineError(f"{self._name}: graph inputs {names}, expected {INPUT_NAMES}")
-
-    @torch.inference_mode()
-    def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
-        """Logits (fp32, on CPU) per row, each from its own task's head; ``images [B, 3, S, S]``."""
-        with self.registry.acquire() as snapshot:
-            return self.forward_snapshot(snapshot, images, task_ids)
-
-    @torch.inference_mode()
-    def forward_snapshot(self, snapshot: Snapshot, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
-        if images.dim() != 4 or images.shape[0] != len(task_ids):
-            raise ValueError(f"images {tuple(images.shape)} do not match {len(task_ids)} task ids")
-        size = self.backbone.spec.img_size
-        if tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"images {tuple(images.shape)} are not [B, 3, {size}, {size}]")
-        entries = snapshot.entries(task_ids)
-        if not entries:
-            return []
-        features = self.features(snapshot, images, entries)
-        return apply_heads(features.to(self.backbone.device), entries)
 
     def features(self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]) -> Tensor:
         """Final-norm CLS features ``[B, D]`` (fp32, CPU) from the session."""

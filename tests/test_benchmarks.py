@@ -10,7 +10,7 @@ import torch
 from benchmarks import forward, serve, tasks
 from benchmarks.common import interleaved, paired_ratios, percentile, summarize
 from runtime.backbone import Backbone
-from runtime.demo import DEMO_SETTINGS
+from runtime.demo import DEMO_SETTINGS, demo_prompts
 from runtime.paper_layout import to_paper_state_dict
 from runtime.reference import paper_forward
 from tests.conftest import TINY
@@ -38,7 +38,7 @@ def test_interleaved_runs_every_variant_once_per_round_in_rotating_order() -> No
 @pytest.mark.parametrize("index", range(len(DEMO_SETTINGS)))
 def test_sequence_insertion_baseline_equals_the_paper_forward(index: int) -> None:
     backbone = Backbone.create(TINY, "random", seed=3)
-    prompts = forward.task_prompts(TINY, index)
+    prompts = demo_prompts(TINY, index)
     images = torch.randn(3, 3, TINY.img_size, TINY.img_size, generator=torch.Generator().manual_seed(index))
     expected = paper_forward(
         to_paper_state_dict(backbone.model.state_dict(), prompts), images, TINY.num_heads

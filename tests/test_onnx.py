@@ -191,7 +191,7 @@ def test_bad_options_and_inputs(exported, tiny_backbone: Backbone) -> None:
         OnnxEngine(tiny_backbone, onnx_path=path, threads=0)
     registry = registry_with_tasks(tiny_backbone)
     engine = OnnxEngine(tiny_backbone, registry, path, threads=1)
-    with pytest.raises(ValueError, match=r"are not \[B, 3, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"are not \[1, 3, 32, 32\]"):
         engine.forward(torch.zeros(1, 3, 16, 16), ["long"])
 
 
