@@ -25,6 +25,7 @@ from torch import Tensor
 from runtime.engines import InferenceEngine
 from runtime.metrics import ServerMetrics
 from runtime.registry import TaskEntry, UnknownTaskError
+from runtime.threads import use_compute_threads
 
 log = logging.getLogger("e2vpt.batcher")
 
@@ -47,12 +48,14 @@ BATCHING_MODES = ("mixed", "per-task")
 @dataclass(frozen=True)
 class BatcherConfig:
     """``batching``: ``mixed`` lets any tasks share a batch; ``per-task`` batches one task at a time
-    (what a server with one model per task can do, kept for comparison)."""
+    (what a server with one model per task can do, kept for comparison). ``threads``: intra-op
+    threads of the worker (default: every available core)."""
 
     max_batch_size: int = 32
     max_queue_delay: float = 0.005
     max_queue_size: int = 256
     batching: str = "mixed"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
@@ -95,7 +98,11 @@ def _settle(future: asyncio.Future, result: BatchResult | None, error: BaseExcep
 
 
 class Batcher:
-    """Bounded queue plus a worker thread that runs mixed-task batches through ``engine``."""
+    """Bounded queue plus one computing thread that runs mixed-task batches through ``engine``.
+
+    ``start()`` computes on a worker thread of its own; ``open()`` then ``run()`` computes on the
+    caller's thread instead (the server's command line uses its main thread: see runtime/threads.py).
+    """
 
     def __init__(self, engine: InferenceEngine, config: BatcherConfig, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -105,11 +112,18 @@ class Batcher:
         self._cond = threading.Condition()
         self._accepting = False
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="e2vpt-batcher", daemon=True)
+        self._running = False
+        self._finished = threading.Event()
+
+    def open(self) -> None:
+        """Accept requests; batches run once some thread calls ``run()``."""
+        self._accepting = True
 
     def start(self) -> None:
-        self._accepting = True
-        self._thread.start()
+        """Accept requests and run batches on a worker thread."""
+        self.open()
+        self._running = True
+        threading.Thread(target=self.run, name="e2vpt-batcher", daemon=True).start()
 
     @property
     def depth(self) -> int:
@@ -142,9 +156,9 @@ class Batcher:
             self._accepting = False
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+            if not self._running:
+                return True
+        return self._finished.wait(timeout)
 
     def _next_batch(self) -> list[_Request] | None:
         """Block until a batch is ready; None once stopping with an empty queue."""
@@ -179,14 +193,21 @@ class Batcher:
             return self._queue[0] if self._queue else None
         return next((request for request in self._queue if request.task_id == task_id), None)
 
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                self._execute(batch)
-            except Exception as error:  # a failing batch must not kill the worker
-                log.exception("batch of %d requests failed", len(batch))
-                for request in batch:
-                    self._resolve(request, None, error)
+    def run(self) -> None:
+        """Run batches on this thread until ``stop()``, after the queue has drained."""
+        with self._cond:
+            self._running = True
+        use_compute_threads(self.config.threads)
+        try:
+            while (batch := self._next_batch()) is not None:
+                try:
+                    self._execute(batch)
+                except Exception as error:  # a failing batch must not kill the worker
+                    log.exception("batch of %d requests failed", len(batch))
+                    for request in batch:
+                        self._resolve(request, None, error)
+        finally:
+            self._finished.set()
 
     def _resolve(self, request: _Request, result: BatchResult | None, error: BaseException | None) -> None:
         # A closed loop raises RuntimeError: nobody waits for this answer anymore.

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from runtime.batcher import BATCHING_MODES
 from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.registry import TaskRegistry
 from runtime.task_store import MODES
+from runtime.threads import use_compute_threads, use_one_thread
 
 log = logging.getLogger("e2vpt.cli")
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -101,13 +103,11 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
 def engine_for(
     backbone: Backbone, name: str, onnx: str | None, threads: int | None, attention: str = "auto"
 ) -> InferenceEngine:
-    options: dict[str, Any] = {}
+    """The engine; torch's intra-op threads are set by whoever computes (the batcher or ``classify``)."""
     if name == "onnxruntime":
-        options = {"onnx_path": onnx, "threads": threads}
+        options: dict[str, Any] = {"onnx_path": onnx, "threads": threads}
     else:
         options = {"attention": attention}
-        if threads:
-            torch.set_num_threads(threads)
     return make_engine(name, backbone, TaskRegistry(backbone), **options)
 
 
@@ -155,25 +155,26 @@ def server_config(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        threads=args.threads,
     )
 
 
-async def _serve(engine: InferenceEngine, config: Any) -> None:
-    from runtime.server import InferenceServer
-
-    server = InferenceServer(engine, config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    """gRPC and the event loop on a background thread; batches on this, the main, thread.
+
+    The main thread is the only one that computes with many intra-op threads (runtime/threads.py).
+    SIGTERM/SIGINT start the graceful stop; ``batcher.run()`` returns once the queue has drained.
+    """
+    from runtime.server import BackgroundServer, InferenceServer
+
+    use_compute_threads(args.threads)
     engine = build_engine(args)
-    asyncio.run(_serve(engine, server_config(args)))
+    server = InferenceServer(engine, replace(server_config(args), batcher_thread=False))
+    background = BackgroundServer(server)
+    with background:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: background.request_stop())
+        server.batcher.run()
     return 0
 
 
@@ -181,6 +182,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from runtime.package import load_package
     from runtime.preprocess import encoded_to_input
 
+    use_compute_threads(args.threads)
     engine = build_engine(args)
     print(f"backbone {engine.backbone.spec.name}, weights: {engine.backbone.source}")
     for task_file in args.task:
@@ -228,14 +230,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "backbone: embedded default ViT-Ti/16 with RANDOM weights (seeded, NOT pretrained): "
             "labels are arbitrary"
         )
+        use_one_thread()  # this thread is the client; the server's batcher computes
         backbone = default_backbone()
         paths = write_demo_tasks(backbone, task_dir, args.tasks)
         print(f"wrote {len(paths)} demo task packages to {task_dir}")
         engine = engine_for(backbone, "torch", None, args.threads)
-        return run_demo(engine, task_dir, args.requests)
+        return run_demo(engine, task_dir, args.requests, args.threads)
 
 
-def run_demo(engine: InferenceEngine, task_dir: Path, requests: int) -> int:
+def run_demo(engine: InferenceEngine, task_dir: Path, requests: int, threads: int | None = None) -> int:
     """Start a real server on a free loopback port and exercise it with tritonclient."""
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -243,7 +246,9 @@ def run_demo(engine: InferenceEngine, task_dir: Path, requests: int) -> int:
 
     from runtime.server import BackgroundServer, InferenceServer, ServerConfig
 
-    config = ServerConfig(host="127.0.0.1", port=0, task_dir=task_dir, max_queue_delay_ms=20, grace_seconds=5)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, task_dir=task_dir, max_queue_delay_ms=20, grace_seconds=5, threads=threads
+    )
     with BackgroundServer(InferenceServer(engine, config)) as server:
         url = f"127.0.0.1:{server.port}"
         client = grpcclient.InferenceServerClient(url)

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from runtime.preprocess import (
 )
 from runtime.registry import TaskEntry, UnknownTaskError
 from runtime.task_store import ModelControlError, TaskNotFoundError, TaskStore
+from runtime.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.server")
 
@@ -110,6 +111,9 @@ class ServerConfig:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     batching: str = "mixed"
+    threads: int | None = None
+    # False: the caller computes, calling ``server.batcher.run()`` on its own thread after start().
+    batcher_thread: bool = True
     grace_seconds: float = 10.0
     max_message_mb: int = 64
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -330,7 +334,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._guard(context, self._control_checks, request)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.store.load, request.model_name)
+            await loop.run_in_executor(self.server.loader_pool, self.store.load, request.model_name)
         except TaskNotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except PackageError as error:
@@ -555,11 +559,16 @@ class InferenceServer:
                 config.max_queue_delay_ms / 1000,
                 config.max_queue_size,
                 config.batching,
+                config.threads,
             ),
             self.metrics,
         )
         self.preprocess_pool = ThreadPoolExecutor(
-            config.preprocess_threads, thread_name_prefix="e2vpt-preprocess"
+            config.preprocess_threads, thread_name_prefix="e2vpt-preprocess", initializer=use_one_thread
+        )
+        # Loads and scans run one at a time, off the event loop and off the batcher's cores.
+        self.loader_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="e2vpt-loader", initializer=use_one_thread
         )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -585,8 +594,11 @@ class InferenceServer:
         """Load tasks, start the batcher and bind the port (0 picks a free one); returns the port."""
         cfg = self.config
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.store.start, cfg.load_tasks, cfg.poll_seconds)
-        self.batcher.start()
+        await loop.run_in_executor(self.loader_pool, self.store.start, cfg.load_tasks, cfg.poll_seconds)
+        if cfg.batcher_thread:
+            self.batcher.start()
+        else:
+            self.batcher.open()
         limit = cfg.max_message_mb * 1024 * 1024
         self._server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -644,6 +656,7 @@ class InferenceServer:
         self.store.stop()
         self.metrics.close()
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self.loader_pool.shutdown(wait=False, cancel_futures=True)
         log.info("server stopped", extra={"drained": drained})
 
     async def wait_for_termination(self) -> None:
@@ -652,12 +665,17 @@ class InferenceServer:
 
 
 class BackgroundServer:
-    """Runs an ``InferenceServer`` on its own event loop thread (tests, the in-process demo)."""
+    """Runs an ``InferenceServer`` on its own event loop thread (the command line, tests, the demo)."""
 
     def __init__(self, server: InferenceServer) -> None:
         self.server = server
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="e2vpt-server-loop", daemon=True)
+        self._thread = threading.Thread(target=self._serve_forever, name="e2vpt-server-loop", daemon=True)
+        self._stopping: Future[None] | None = None
+
+    def _serve_forever(self) -> None:
+        use_one_thread()
+        self._loop.run_forever()
 
     def __enter__(self) -> InferenceServer:
         self._thread.start()
@@ -667,10 +685,16 @@ class BackgroundServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def request_stop(self, grace: float | None = None) -> Future[None]:
+        """Begin the graceful stop without waiting for it (safe to call again, e.g. from a signal handler)."""
+        if self._stopping is None:
+            self._stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop)
+        return self._stopping
+
     def stop(self, grace: float | None = None) -> None:
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        self.request_stop(grace).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

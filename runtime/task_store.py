@@ -21,6 +21,7 @@ from runtime.backbone import Backbone
 from runtime.metrics import ServerMetrics
 from runtime.package import PACKAGE_SUFFIX, TASK_ID_PATTERN, PackageError, check_task_id, load_package
 from runtime.registry import TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.tasks")
 
@@ -177,6 +178,7 @@ class TaskStore:
             self._poller.join()
 
     def _poll_loop(self, interval: float) -> None:
+        use_one_thread()
         while not self._stop.wait(interval):
             try:
                 self.poll_once()

@@ -153,3 +153,38 @@ def test_stop_drains_queued_requests_then_refuses(engine, tiny_backbone):
         return results
 
     assert len(asyncio.run(main())) == 5
+
+
+def test_batches_can_run_on_the_callers_thread(engine, tiny_backbone):
+    """``open()`` + ``run()``: the thread that calls ``run`` computes every batch, until ``stop``."""
+    import threading
+
+    size = tiny_backbone.spec.img_size
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.05), ServerMetrics())
+    batcher.open()
+    computing_threads = set()
+    forward = engine.forward_snapshot
+
+    def recording_forward(*args):
+        computing_threads.add(threading.get_ident())
+        return forward(*args)
+
+    engine.forward_snapshot = recording_forward
+    answers = []
+
+    def client():
+        async def main():
+            results = await asyncio.gather(
+                *(batcher.infer(f"t{i % 3}", images(1, size, i)) for i in range(6))
+            )
+            answers.extend(results)
+            assert await asyncio.get_running_loop().run_in_executor(None, batcher.stop, 10)
+
+        asyncio.run(main())
+
+    requester = threading.Thread(target=client)
+    requester.start()
+    batcher.run()  # returns once the client's stop() has drained the queue
+    requester.join()
+    assert computing_threads == {threading.get_ident()}
+    assert len(answers) == 6

@@ -108,11 +108,10 @@ def test_serve_smoke(tmp_path) -> None:
         output_dir=tmp_path,
     )
     saved = _written(serve.run(config), "serve")
-    # 2 batching modes x (1 task uniform + 2 tasks uniform/zipf) x 2 concurrency levels
-    assert len(saved["cells"]) == 12
+    # 3 batching modes x (1 task uniform + 2 tasks uniform/zipf) x 2 concurrency levels
+    assert len(saved["cells"]) == 18
     assert all(cell["errors"] == 0 and cell["completed"] == 6 for cell in saved["cells"])
-    assert {cell["mode"] for cell in saved["cells"]} == {"mixed", "none"}
-    assert "per-task" in saved["not_measured"]
+    assert {cell["mode"] for cell in saved["cells"]} == {"mixed", "per-task", "none"}
     overhead = saved["grpc_overhead"]
     assert overhead["round_trip_ms"]["n"] == 3 and overhead["in_process_forward_ms"]["n"] == 3
     assert overhead["server_side_mean_ms"]["compute_infer"] > 0
