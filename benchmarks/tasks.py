@@ -104,24 +104,41 @@ def make_package(backbone: Backbone, index: int) -> TaskPackage:
     return TaskPackage.from_prompts(f"task-{index}", prompts, backbone)
 
 
-def measure_task_memory(
-    backbone: Backbone, count: int
-) -> tuple[TaskRegistry, list[TaskPackage], dict[str, Any]]:
-    """Load ``count`` freshly made tasks into a new registry and account for the memory they take."""
+@dataclass(frozen=True)
+class PackageSize:
+    """What the memory report needs of a package, so the package's tensors need not stay alive."""
+
+    task_id: str
+    setting: tuple[int, int, int]  # (prompt tokens, KV prompts, pruned tokens)
+    kv_shared: bool
+    tensor_bytes: int
+
+    @classmethod
+    def of(cls, package: TaskPackage) -> PackageSize:
+        setting = (package.num_kept + package.num_pruned, package.num_kv, package.num_pruned)
+        return cls(package.task_id, setting, package.kv_shared, package.tensor_bytes)
+
+
+def measure_task_memory(backbone: Backbone, count: int) -> tuple[TaskRegistry, dict[str, Any]]:
+    """Load ``count`` freshly made tasks into a new registry and account for the memory they take.
+
+    Each package is dropped once loaded, so resident growth is what the registry keeps.
+    """
     gc.collect()
     before = rss_bytes()
     registry = TaskRegistry(backbone)
-    packages = []
+    sizes = []
     for index in range(count):
         package = make_package(backbone, index)
         registry.add(package)
-        packages.append(package)
+        sizes.append(PackageSize.of(package))
+    del package
     gc.collect()
     grown = rss_bytes() - before
     report = registry.memory()
     tables = report.pop("__tables_allocated__")
-    package_bytes = sum(p.tensor_bytes for p in packages)
-    per_task = [report[p.task_id] / p.tensor_bytes for p in packages]
+    package_bytes = sum(size.tensor_bytes for size in sizes)
+    per_task = [report[size.task_id] / size.tensor_bytes for size in sizes]
     memory = {
         "tasks": count,
         "package_tensor_bytes_total": package_bytes,
@@ -136,31 +153,28 @@ def measure_task_memory(
         },
         "allocated_over_package_bytes": tables / package_bytes,
         "rss_over_package_bytes": grown / package_bytes,
-        "by_setting": setting_memory(packages, report),
+        "by_setting": setting_memory(sizes, report),
     }
-    return registry, packages, memory
+    return registry, memory
 
 
-def setting_memory(packages: Sequence[TaskPackage], report: dict[str, int]) -> list[dict[str, Any]]:
+def setting_memory(sizes: Sequence[PackageSize], report: dict[str, int]) -> list[dict[str, Any]]:
     seen: dict[tuple[int, int, int], dict[str, Any]] = {}
-    for package in packages:
-        key = (package.num_kept + package.num_pruned, package.num_kv, package.num_pruned)
-        if key not in seen:
-            seen[key] = {
-                "prompts": key[0],
-                "kv_prompts": key[1],
-                "pruned_tokens": key[2],
-                "kv_shared": package.kv_shared,
-                "package_tensor_bytes": package.tensor_bytes,
-                "registry_bytes": report[package.task_id],
-                "ratio": report[package.task_id] / package.tensor_bytes,
+    for size in sizes:
+        if size.setting not in seen:
+            seen[size.setting] = {
+                "prompts": size.setting[0],
+                "kv_prompts": size.setting[1],
+                "pruned_tokens": size.setting[2],
+                "kv_shared": size.kv_shared,
+                "package_tensor_bytes": size.tensor_bytes,
+                "registry_bytes": report[size.task_id],
+                "ratio": report[size.task_id] / size.tensor_bytes,
             }
     return list(seen.values())
 
 
-def throughput(
-    backbone: Backbone, packages: Sequence[TaskPackage], config: TasksConfig, largest: TaskRegistry
-) -> dict[str, Any]:
+def throughput(backbone: Backbone, config: TasksConfig, largest: TaskRegistry) -> dict[str, Any]:
     """Images/s of one mixed batch per registry size, interleaved; ratios to the 1-task registry."""
     spec = backbone.spec
     images = torch.randn(
@@ -168,12 +182,12 @@ def throughput(
     )
     registries: dict[int, TaskRegistry] = {}
     for count in config.loaded_counts:
-        if count == len(packages):
+        if count == len(largest):
             registries[count] = largest
             continue
         registry = TaskRegistry(backbone)
-        for package in packages[:count]:
-            registry.add(package)
+        for index in range(count):
+            registry.add(make_package(backbone, index))
         registries[count] = registry
     rng = random.Random(config.seed)
     variants: dict[str, Callable[[], object]] = {}
@@ -199,11 +213,11 @@ def throughput(
     return {"batch": config.batch, "cells": cells}
 
 
-def load_latency(backbone: Backbone, packages: Sequence[TaskPackage], config: TasksConfig) -> dict[str, Any]:
+def load_latency(backbone: Backbone, config: TasksConfig) -> dict[str, Any]:
     """Milliseconds to read one package from disk, hot-load it into a 10-task registry, replace it."""
     registry = TaskRegistry(backbone)
-    for package in packages[:10]:
-        registry.add(package)
+    for index in range(10):
+        registry.add(make_package(backbone, index))
     probe = make_package(backbone, 1)  # a (10, 5) task, the paper's most common setting
     timings: dict[str, list[float]] = {"load_package": [], "add": [], "replace": []}
     with tempfile.TemporaryDirectory(prefix="e2vpt-bench-load-") as scratch:
@@ -283,16 +297,16 @@ def run(config: TasksConfig) -> dict[str, Any]:
     print_machine(info)
     backbone = Backbone.create(spec, "random", seed=config.seed)
     started = time.perf_counter()
-    largest, packages, memory = measure_task_memory(backbone, max(config.loaded_counts))
+    largest, memory = measure_task_memory(backbone, max(config.loaded_counts))
     memory["load_all_seconds"] = time.perf_counter() - started
     print(
-        f"loaded {len(packages)} tasks in {memory['load_all_seconds']:.1f} s; "
+        f"loaded {len(largest)} tasks in {memory['load_all_seconds']:.1f} s; "
         f"RSS +{memory['rss_growth_bytes'] / MIB:.1f} MiB"
     )
-    speed = throughput(backbone, packages, config, largest)
+    speed = throughput(backbone, config, largest)
     for cell in speed["cells"]:
         print(f"{cell['loaded']:>5} loaded: {cell['images_per_second']:.2f} images/s (batch {config.batch})")
-    latency = load_latency(backbone, packages, config)
+    latency = load_latency(backbone, config)
     print(
         f"hot load p50 {latency['add']['median']:.2f} ms, replace p50 {latency['replace']['median']:.2f} ms"
     )
