@@ -7,6 +7,8 @@ machine move around, the ratios much less.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -16,12 +18,14 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from runtime.backbone import ARCHITECTURES, BackboneSpec
 from runtime.files import atomic_write
+
+ConfigT = TypeVar("ConfigT")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -219,6 +223,16 @@ def write_results(
         os.replace(temporary, target)
         paths["png"] = target
     return paths
+
+
+def with_options(config: ConfigT, args: argparse.Namespace) -> ConfigT:
+    """``config`` with every field the command line set (options are named like the fields)."""
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(config)
+        if getattr(args, field.name, None) is not None
+    }
+    return dataclasses.replace(config, **given)
 
 
 def save_figure(figure: Any, path: Path, title: str) -> None:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from benchmarks.common import (
     save_figure,
     summarize,
     verdict,
+    with_options,
     write_results,
 )
 from runtime.backbone import Backbone, BackboneSpec
@@ -565,19 +566,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
     parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
     args = parser.parse_args(argv)
     config = ServeConfig(**QUICK) if args.quick else ServeConfig()
-    overrides = {
-        "backbone": args.backbone,
-        "modes": args.modes,
-        "task_counts": args.task_counts,
-        "popularity": args.popularity,
-        "concurrency": args.concurrency,
-        "requests_per_cell": args.requests_per_cell,
-        "seconds_per_cell": args.seconds_per_cell,
-        "server": args.server,
-        "threads": args.threads,
-        "output_dir": args.output_dir,
-    }
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return with_options(config, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from benchmarks.common import (
     save_figure,
     summarize,
     verdict,
+    with_options,
     write_results,
 )
 from runtime.backbone import Backbone, BackboneSpec
@@ -521,18 +522,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
     parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
     args = parser.parse_args(argv)
     config = TasksConfig(**QUICK) if args.quick else TasksConfig()
-    overrides = {
-        "backbone": args.backbone,
-        "loaded_counts": args.loaded_counts,
-        "batch": args.batch,
-        "reps": args.reps,
-        "budget_seconds": args.budget_seconds,
-        "load_reps": args.load_reps,
-        "model_copies": args.model_copies,
-        "threads": args.threads,
-        "output_dir": args.output_dir,
-    }
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return with_options(config, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
