@@ -225,6 +225,27 @@ def write_results(
     return paths
 
 
+def benchmark_parser(name: str, description: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """``python -m benchmarks.<name>``'s parser with the options every benchmark has."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
+    return parser
+
+
+def log2_axes(axes: Sequence[tuple[Any, str]], xlabel: str) -> None:
+    """Log-2 x axis, labels and a light grid on each ``(axis, ylabel)``."""
+    for axis, label in axes:
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+
+
 def with_options(config: ConfigT, args: argparse.Namespace) -> ConfigT:
     """``config`` with every field the command line set (options are named like the fields)."""
     given = {

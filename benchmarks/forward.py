@@ -21,7 +21,6 @@ a 2-core CPU; ``--quick`` (ViT-Ti, batches 1 and 4) takes well under a minute.
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,9 @@ from torch import Tensor
 from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
+    benchmark_parser,
     interleaved,
+    log2_axes,
     machine,
     machine_markdown,
     markdown_table,
@@ -446,11 +447,7 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
             ratio.plot(
                 batches, [c["ratio_to_plain_fp32"]["median"] for c in cells], style, marker="o", label=name
             )
-        for axis, label in ((speed, "images/s"), (ratio, "time / plain fp32 (per-round median)")):
-            axis.set_xscale("log", base=2)
-            axis.set_xlabel("batch size")
-            axis.set_ylabel(label)
-            axis.grid(alpha=0.3)
+        log2_axes([(speed, "images/s"), (ratio, "time / plain fp32 (per-round median)")], "batch size")
         ratio.axhline(1.0, color="black", linewidth=0.8)
         speed.legend(fontsize=7)
         save_figure(
@@ -461,15 +458,8 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.forward",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser("forward", __doc__, "ViT-Ti, batches 1 and 4, few repetitions (<1 min)")
     defaults = ForwardConfig()
-    parser.add_argument(
-        "--quick", action="store_true", help="ViT-Ti, batches 1 and 4, few repetitions (<1 min)"
-    )
     parser.add_argument(
         "--backbone", help=f"named ViT or 'tiny' (default {defaults.backbone}; quick: ViT-Ti)"
     )
@@ -490,7 +480,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
     parser.add_argument(
         "--threads", type=int, help="torch / onnxruntime intra-op threads (default: library's)"
     )
-    parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
     args = parser.parse_args(argv)
     config = ForwardConfig(**QUICK) if args.quick else ForwardConfig()
     return with_options(config, args)

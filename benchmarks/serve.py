@@ -21,7 +21,6 @@ takes about 8-10 minutes; ``--quick`` about a minute.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -43,6 +42,8 @@ import torch
 from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
+    benchmark_parser,
+    log2_axes,
     machine,
     machine_markdown,
     markdown_table,
@@ -526,11 +527,7 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
             x = [c["concurrency"] for c in cells]
             throughput.plot(x, [c.get("throughput_rps", 0.0) for c in cells], style, marker="o", label=key)
             latency.plot(x, [c.get("p99_ms", float("nan")) for c in cells], style, marker="o", label=key)
-        for axis, label in ((throughput, "requests/s"), (latency, "p99 latency ms")):
-            axis.set_xscale("log", base=2)
-            axis.set_xlabel("client concurrency")
-            axis.set_ylabel(label)
-            axis.grid(alpha=0.3)
+        log2_axes([(throughput, "requests/s"), (latency, "p99 latency ms")], "client concurrency")
         latency.set_yscale("log")
         throughput.legend(fontsize=7)
         save_figure(
@@ -541,15 +538,8 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser("serve", __doc__, "tasks 1 and 8, concurrency 1 and 8, short cells")
     defaults = ServeConfig()
-    parser.add_argument(
-        "--quick", action="store_true", help="tasks 1 and 8, concurrency 1 and 8, short cells"
-    )
     parser.add_argument(
         "--backbone", help=f"named ViT served by `python -m runtime serve` ({defaults.backbone})"
     )
@@ -563,7 +553,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
     parser.add_argument(
         "--threads", type=int, help="intra-op threads of the server and the in-process engine"
     )
-    parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
     args = parser.parse_args(argv)
     config = ServeConfig(**QUICK) if args.quick else ServeConfig()
     return with_options(config, args)

@@ -20,7 +20,6 @@ under a minute.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import gc
@@ -38,6 +37,7 @@ import torch
 from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
+    benchmark_parser,
     interleaved,
     machine,
     machine_markdown,
@@ -496,13 +496,8 @@ def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.tasks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser("tasks", __doc__, "ViT-Ti, up to 100 tasks, few repetitions")
     defaults = TasksConfig()
-    parser.add_argument("--quick", action="store_true", help="ViT-Ti, up to 100 tasks, few repetitions")
     parser.add_argument(
         "--backbone", help=f"named ViT or 'tiny' (default {defaults.backbone}; quick: ViT-Ti)"
     )
@@ -519,7 +514,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
         "--model-copies", type=int, help=f"backbone copies measured ({defaults.model_copies})"
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
     args = parser.parse_args(argv)
     config = TasksConfig(**QUICK) if args.quick else TasksConfig()
     return with_options(config, args)
