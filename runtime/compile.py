@@ -27,7 +27,6 @@ class CompiledTask:
     (``ln c`` on the null row, 0 elsewhere), the same for every layer.
     """
 
-    package: TaskPackage
     keys: Tensor
     values: Tensor
     bias: Tensor
@@ -49,16 +48,16 @@ def compile_task(package: TaskPackage, backbone: Backbone) -> CompiledTask:
     if pruned:
         prompts = torch.cat([prompts, prompts.new_zeros(prompts.shape[0], 1, prompts.shape[2])], dim=1)
     heads, head_dim = backbone.spec.num_heads, backbone.spec.head_dim
+    kv_value = package.kv_key if package.kv_value is None else package.kv_value
     keys, values = [], []
     for layer, block in enumerate(backbone.blocks):
         key, value = project_keys_values(block, prompts[layer].to(backbone.device), heads, head_dim)
         keys.append(torch.cat([key, package.kv_key[layer].float().to(key.device)], dim=1))
-        kv_value = package.kv_key if package.kv_value is None else package.kv_value
         values.append(torch.cat([value, kv_value[layer].float().to(value.device)], dim=1))
     bias = torch.zeros(keys[0].shape[1], device=backbone.device)
     if pruned:
         bias[prompts.shape[1] - 1] = math.log(pruned)
-    return CompiledTask(package=package, keys=torch.stack(keys), values=torch.stack(values), bias=bias)
+    return CompiledTask(keys=torch.stack(keys), values=torch.stack(values), bias=bias)
 
 
 def project_keys_values(

@@ -191,6 +191,10 @@ class TaskRegistry:
         """Load a task, or replace the loaded version of the same id. Returns the new entry."""
         started = time.perf_counter()
         compiled = compile_task(package, self.backbone)
+        info = TaskInfo.of(package)
+        device = self.backbone.device
+        head_weight = package.head_weight.to(device=device, dtype=torch.float32)
+        head_bias = package.head_bias.to(device=device, dtype=torch.float32)
         with self._lock:
             self._free.extend(self._leases.reusable())
             tables = self._tables
@@ -208,10 +212,10 @@ class TaskRegistry:
                 task_id=package.task_id,
                 version=version,
                 slot=slot,
-                info=TaskInfo.of(package),
+                info=info,
                 prefix_len=compiled.prefix_len,
-                head_weight=package.head_weight.to(device=self.backbone.device, dtype=torch.float32),
-                head_bias=package.head_bias.to(device=self.backbone.device, dtype=torch.float32),
+                head_weight=head_weight,
+                head_bias=head_bias,
                 loaded_at=time.time(),
                 load_seconds=time.perf_counter() - started,
             )
