@@ -29,6 +29,10 @@ from runtime.threads import use_compute_threads
 
 log = logging.getLogger("e2vpt.batcher")
 
+# An idle worker still wakes this often. On the main thread that matters: a SIGTERM the kernel
+# hands to another thread only runs its Python handler once the main thread runs bytecode again.
+IDLE_WAKE_SECONDS = 0.5
+
 
 class QueueFullError(RuntimeError):
     """The queue holds ``max_queue_size`` requests; the caller should retry later."""
@@ -167,7 +171,7 @@ class Batcher:
             while not self._queue:
                 if self._stopping:
                     return None
-                self._cond.wait()
+                self._cond.wait(IDLE_WAKE_SECONDS)
             batch = [self._queue.popleft()]
             rows = batch[0].rows
             close_at = batch[0].enqueued_ns / 1e9 + cfg.max_queue_delay

@@ -74,7 +74,13 @@ def test_checkpoint_to_served_logits(exported: tuple[Path, Path, dict, torch.Ten
         served = client.infer("flowers", [tensor]).as_numpy("logits")
     finally:
         server.terminate()
-        assert server.wait(timeout=30) == 0
+        try:
+            _, errors = server.communicate(timeout=30)  # drains stderr so the server never blocks on it
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+            raise
+    assert server.returncode == 0, errors
     expected = paper_forward(state, images, TINY.num_heads)
     assert served.shape == tuple(expected.shape)
     assert relative_error(torch.tensor(served), expected) <= 1e-5
