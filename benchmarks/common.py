@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from runtime.backbone import ARCHITECTURES, BackboneSpec
-from runtime.files import atomic_write
+from runtime.core.backbone import ARCHITECTURES, BackboneSpec
+from runtime.core.files import atomic_write
 
 ConfigT = TypeVar("ConfigT")
 

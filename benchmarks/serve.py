@@ -55,10 +55,10 @@ from benchmarks.common import (
     with_options,
     write_results,
 )
-from runtime.backbone import Backbone, BackboneSpec
+from runtime.core.backbone import Backbone, BackboneSpec
 from runtime.demo import demo_package
-from runtime.engine import Engine
-from runtime.registry import TaskRegistry
+from runtime.engines.torch_engine import Engine
+from runtime.core.registry import TaskRegistry
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -
 @contextmanager
 def inprocess_server(backbone: Backbone, task_dir: Path, mode: BatchingMode) -> Iterator[str]:
     """The server on its own event-loop thread in this process (tiny test models)."""
-    from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+    from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 
     settings = ServerConfig(
         host="127.0.0.1",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.checkpoint import ExportError, LoadedTask, read_checkpoint
-from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, recorded_spec
-from runtime.paper_layout import backbone_from_paper
+from runtime.core.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, recorded_spec
+from runtime.paper.layout import backbone_from_paper
 
 
 def paper_backbone(task: LoadedTask) -> Backbone:

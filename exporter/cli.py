@@ -14,8 +14,8 @@ from tqdm import tqdm
 from exporter.backbone import extract_backbone, resolve_backbone
 from exporter.checkpoint import ExportError, LoadedTask, read_checkpoint
 from exporter.validate import reference_state, validation_error
-from runtime.backbone import ARCHITECTURES, Backbone
-from runtime.package import (
+from runtime.core.backbone import ARCHITECTURES, Backbone
+from runtime.core.package import (
     PACKAGE_SUFFIX,
     RESIZE_POLICIES,
     TASK_ID_PATTERN,
@@ -23,7 +23,7 @@ from runtime.package import (
     Preprocess,
     TaskPackage,
 )
-from runtime.prompts import DEFAULT_SEGMENTS
+from runtime.core.prompts import DEFAULT_SEGMENTS
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_VALIDATION_IMAGES = 2

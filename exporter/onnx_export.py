@@ -22,10 +22,10 @@ import torch
 
 from exporter.backbone import read_backbone_spec
 from exporter.checkpoint import ExportError
-from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
-from runtime.files import atomic_write
-from runtime.onnx_engine import session_options
-from runtime.onnx_graph import (
+from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
+from runtime.core.files import atomic_write
+from runtime.engines.onnxruntime_engine import session_options
+from runtime.engines.onnx_graph import (
     DEFAULT_OPSET,
     PrefixViT,
     export_model,

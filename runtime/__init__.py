@@ -1,11 +1,11 @@
 """Serve many E2VPT-tuned tasks from one frozen ViT: tasks are data, the backbone is code."""
 
-from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, fingerprint
-from runtime.compile import CompiledTask, compile_task
-from runtime.engine import Engine
-from runtime.package import PackageError, Preprocess, TaskPackage, load_package
-from runtime.prompts import TaskPrompts
-from runtime.registry import Snapshot, TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.core.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, fingerprint
+from runtime.core.compile import CompiledTask, compile_task
+from runtime.engines.torch_engine import Engine
+from runtime.core.package import PackageError, Preprocess, TaskPackage, load_package
+from runtime.core.prompts import TaskPrompts
+from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry, UnknownTaskError
 
 __all__ = [
     "RANDOM_WEIGHTS",

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from runtime.attention import BACKENDS
-from runtime.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
-from runtime.batcher import BATCHING_MODES
-from runtime.engines import ENGINES, InferenceEngine, make_engine
-from runtime.registry import TaskRegistry
-from runtime.task_store import MODES
-from runtime.threads import use_compute_threads, use_one_thread
+from runtime.engines.attention import BACKENDS
+from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
+from runtime.serving.batcher import BATCHING_MODES
+from runtime.engines.base import ENGINES, InferenceEngine, make_engine
+from runtime.core.registry import TaskRegistry
+from runtime.serving.task_store import MODES
+from runtime.serving.threads import use_compute_threads, use_one_thread
 
 log = logging.getLogger("e2vpt.cli")
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -137,7 +137,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace) -> Any:
-    from runtime.server import ServerConfig
+    from runtime.serving.server import ServerConfig
 
     return ServerConfig(
         host=args.host,
@@ -162,10 +162,10 @@ def server_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     """gRPC and the event loop on a background thread; batches on this, the main, thread.
 
-    The main thread is the only one that computes with many intra-op threads (runtime/threads.py).
+    The main thread is the only one that computes with many intra-op threads (runtime/serving/threads.py).
     SIGTERM/SIGINT start the graceful stop; ``batcher.run()`` returns once the queue has drained.
     """
-    from runtime.server import BackgroundServer, InferenceServer
+    from runtime.serving.server import BackgroundServer, InferenceServer
 
     use_compute_threads(args.threads)
     engine = build_engine(args)
@@ -179,8 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from runtime.package import load_package
-    from runtime.preprocess import encoded_to_input
+    from runtime.core.package import load_package
+    from runtime.serving.preprocess import encoded_to_input
 
     use_compute_threads(args.threads)
     engine = build_engine(args)
@@ -244,7 +244,7 @@ def run_demo(engine: InferenceEngine, task_dir: Path, requests: int, threads: in
     import tritonclient.grpc as grpcclient
     from tritonclient.grpc import aio as aioclient
 
-    from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+    from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 
     config = ServerConfig(
         host="127.0.0.1", port=0, task_dir=task_dir, max_queue_delay_ms=20, grace_seconds=5, threads=threads

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.backbone import RANDOM_WEIGHTS, Backbone, BackboneSpec
-from runtime.package import TaskPackage
-from runtime.prompts import TaskPrompts
+from runtime.core.backbone import RANDOM_WEIGHTS, Backbone, BackboneSpec
+from runtime.core.package import TaskPackage
+from runtime.core.prompts import TaskPrompts
 
 DEFAULT_BACKBONE = "vit_tiny_patch16_224"
 DEFAULT_SEED = 0

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.backbone import Backbone, BackboneSpec
+from runtime.core.backbone import Backbone, BackboneSpec
 
 TINY = BackboneSpec(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, name="test-tiny")
 SMALL = BackboneSpec(embed_dim=96, depth=3, num_heads=3, img_size=48, patch_size=16, name="test-small")

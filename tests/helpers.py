@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from runtime.backbone import Backbone
-from runtime.package import TaskPackage
-from runtime.paper_layout import to_paper_state_dict
-from runtime.prompts import TaskPrompts
-from runtime.reference import paper_forward
+from runtime.core.backbone import Backbone
+from runtime.core.package import TaskPackage
+from runtime.paper.layout import to_paper_state_dict
+from runtime.core.prompts import TaskPrompts
+from runtime.paper.reference import paper_forward
 
 
 def random_prompts(backbone: Backbone, seed: int, **options) -> TaskPrompts:

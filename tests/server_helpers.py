@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.backbone import Backbone
-from runtime.engine import Engine
-from runtime.package import Preprocess, TaskPackage
-from runtime.prompts import TaskPrompts
-from runtime.registry import TaskRegistry
-from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+from runtime.core.backbone import Backbone
+from runtime.engines.torch_engine import Engine
+from runtime.core.package import Preprocess, TaskPackage
+from runtime.core.prompts import TaskPrompts
+from runtime.core.registry import TaskRegistry
+from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 
 
 def make_package(backbone: Backbone, task_id: str, seed: int, classes: int = 5) -> TaskPackage:

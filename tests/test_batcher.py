@@ -7,10 +7,16 @@ import asyncio
 import pytest
 import torch
 
-from runtime.batcher import Batcher, BatcherConfig, DeadlineExpiredError, QueueFullError, ShuttingDownError
-from runtime.engine import Engine
-from runtime.metrics import ServerMetrics
-from runtime.registry import TaskRegistry, UnknownTaskError
+from runtime.serving.batcher import (
+    Batcher,
+    BatcherConfig,
+    DeadlineExpiredError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from runtime.engines.torch_engine import Engine
+from runtime.serving.metrics import ServerMetrics
+from runtime.core.registry import TaskRegistry, UnknownTaskError
 from tests.server_helpers import RecordingEngine, make_package
 
 

@@ -9,10 +9,10 @@ import torch
 
 from benchmarks import forward, serve, tasks
 from benchmarks.common import interleaved, paired_ratios, percentile, summarize
-from runtime.backbone import Backbone
+from runtime.core.backbone import Backbone
 from runtime.demo import DEMO_SETTINGS, demo_prompts
-from runtime.paper_layout import to_paper_state_dict
-from runtime.reference import paper_forward
+from runtime.paper.layout import to_paper_state_dict
+from runtime.paper.reference import paper_forward
 from tests.conftest import TINY
 
 

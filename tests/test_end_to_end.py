@@ -17,9 +17,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from runtime.backbone import Backbone
-from runtime.paper_layout import to_paper_state_dict
-from runtime.reference import paper_forward
+from runtime.core.backbone import Backbone
+from runtime.paper.layout import to_paper_state_dict
+from runtime.paper.reference import paper_forward
 from tests.conftest import TINY
 from tests.helpers import random_prompts, relative_error
 from tests.test_server_shutdown import free_port

@@ -17,13 +17,13 @@ from exporter.backbone import save_backbone
 from exporter.checkpoint import ExportError, read_checkpoint, write_native
 from exporter.cli import dispatch, main, task_id_from_path
 from exporter.validate import relative_error
-from runtime import paper_layout as keys
-from runtime.backbone import Backbone
-from runtime.engine import Engine
-from runtime.package import load_package
-from runtime.paper_layout import backbone_to_paper, to_paper_state_dict
-from runtime.prompts import TaskPrompts
-from runtime.reference import paper_forward
+from runtime.paper import layout as keys
+from runtime.core.backbone import Backbone
+from runtime.engines.torch_engine import Engine
+from runtime.core.package import load_package
+from runtime.paper.layout import backbone_to_paper, to_paper_state_dict
+from runtime.core.prompts import TaskPrompts
+from runtime.paper.reference import paper_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROMPTS, NUM_KV, NUM_CLASSES, SEGMENTS = 6, 3, 5, 16

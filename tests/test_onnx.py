@@ -15,12 +15,12 @@ import onnx
 import pytest
 import torch
 
-from runtime.backbone import Backbone
-from runtime.engine import Engine
-from runtime.engines import make_engine
-from runtime.onnx_engine import OnnxEngine, OnnxEngineError, default_providers
-from runtime.onnx_graph import operator_counts
-from runtime.registry import TaskRegistry
+from runtime.core.backbone import Backbone
+from runtime.engines.torch_engine import Engine
+from runtime.engines.base import make_engine
+from runtime.engines.onnxruntime_engine import OnnxEngine, OnnxEngineError, default_providers
+from runtime.engines.onnx_graph import operator_counts
+from runtime.core.registry import TaskRegistry
 from tests.conftest import TINY
 from tests.helpers import images_for, random_package, relative_error
 
@@ -200,7 +200,7 @@ def test_server_answers_identically_on_either_engine(
 ) -> None:
     import tritonclient.grpc.aio as aioclient
 
-    from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+    from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
     from tests.server_helpers import normalized_images, write_tasks
 
     packages = write_tasks(tiny_backbone, tmp_path, count=3)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime import Backbone, PackageError, load_package
-from runtime.backbone import BackboneError, read_weights
+from runtime.core.backbone import BackboneError, read_weights
 from tests.helpers import random_package
 
 

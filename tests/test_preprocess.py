@@ -9,8 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.package import Preprocess
-from runtime.preprocess import InputError, check_normalized, decode_image, encoded_to_input, pixels_to_input
+from runtime.core.package import Preprocess
+from runtime.serving.preprocess import (
+    InputError,
+    check_normalized,
+    decode_image,
+    encoded_to_input,
+    pixels_to_input,
+)
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:

@@ -22,8 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from runtime.preprocess import encoded_to_input, pixels_to_input
-from runtime.server import BackgroundServer, InferenceServer, ServerConfig
+from runtime.serving.preprocess import encoded_to_input, pixels_to_input
+from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 from tests.server_helpers import (
     RecordingEngine,
     normalized_images,

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from runtime.package import PackageError
-from runtime.registry import TaskRegistry
-from runtime.task_store import ModelControlError, TaskNotFoundError, TaskStore
+from runtime.core.package import PackageError
+from runtime.core.registry import TaskRegistry
+from runtime.serving.task_store import ModelControlError, TaskNotFoundError, TaskStore
 from tests.server_helpers import make_package, write_tasks
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.reference import prefix_mask
-from runtime.registry import Snapshot
+from runtime.core.registry import Snapshot
 
 LayerAttention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 BACKENDS = ("auto", "torch", "triton")

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.backbone import Backbone
-from runtime.metrics import ServerMetrics
-from runtime.package import PACKAGE_SUFFIX, TASK_ID_PATTERN, PackageError, check_task_id, load_package
-from runtime.registry import TaskEntry, TaskRegistry, UnknownTaskError
-from runtime.threads import use_one_thread
+from runtime.core.backbone import Backbone
+from runtime.serving.metrics import ServerMetrics
+from runtime.core.package import PACKAGE_SUFFIX, TASK_ID_PATTERN, PackageError, check_task_id, load_package
+from runtime.core.registry import TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.serving.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.tasks")
 

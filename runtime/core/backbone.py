@@ -186,7 +186,7 @@ class Backbone:
         """Write the timm state dict as safetensors, atomically; the header records spec and fingerprint."""
         from safetensors.torch import save
 
-        from runtime.files import atomic_write
+        from runtime.core.files import atomic_write
 
         path = Path(path)
         if path.suffix != ".safetensors":

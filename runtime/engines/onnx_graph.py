@@ -2,7 +2,7 @@
 
 Heads stay in the runtime; the prefix of each row is an input, so one graph serves every task.
 Attention is written as plain MatMul / Add / Softmax over ``[prefix ; tokens]`` so ONNX Runtime
-sees the same computation as ``runtime.attention.bind_torch``.
+sees the same computation as ``runtime.engines.attention.bind_torch``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from runtime.backbone import Backbone
+from runtime.core.backbone import Backbone
 
 FORMAT_NAME = "e2vpt-serve-backbone-onnx"
 FORMAT_VERSION = 1

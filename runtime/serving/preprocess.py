@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from runtime.package import Preprocess
+from runtime.core.package import Preprocess
 
 DEFAULT_MAX_PIXELS = 25_000_000
 ACCEPTED_FORMATS = ("JPEG", "PNG")

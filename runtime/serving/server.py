@@ -30,7 +30,7 @@ from protos import POOL
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
-from runtime.batcher import (
+from runtime.serving.batcher import (
     Batcher,
     BatcherConfig,
     BatchResult,
@@ -38,19 +38,19 @@ from runtime.batcher import (
     QueueFullError,
     ShuttingDownError,
 )
-from runtime.engines import InferenceEngine
-from runtime.metrics import Duration, ServerMetrics
-from runtime.package import PackageError
-from runtime.preprocess import (
+from runtime.engines.base import InferenceEngine
+from runtime.serving.metrics import Duration, ServerMetrics
+from runtime.core.package import PackageError
+from runtime.serving.preprocess import (
     DEFAULT_MAX_PIXELS,
     InputError,
     check_normalized,
     encoded_to_input,
     pixels_to_input,
 )
-from runtime.registry import TaskEntry, UnknownTaskError
-from runtime.task_store import ModelControlError, TaskNotFoundError, TaskStore
-from runtime.threads import use_one_thread
+from runtime.core.registry import TaskEntry, UnknownTaskError
+from runtime.serving.task_store import ModelControlError, TaskNotFoundError, TaskStore
+from runtime.serving.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.server")
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.backbone import Backbone
-from runtime.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.core.backbone import Backbone
+from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -63,13 +63,13 @@ def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:
 
 
 def make_engine(name: str, backbone: Backbone, registry: TaskRegistry, **options: Any) -> InferenceEngine:
-    """``torch`` (options: ``attention``) or ``onnxruntime`` (options: see ``runtime.onnx_engine``)."""
+    """``torch`` (options: ``attention``) or ``onnxruntime`` (options: see ``runtime.engines.onnxruntime_engine``)."""
     if name == "torch":
-        from runtime.engine import Engine
+        from runtime.engines.torch_engine import Engine
 
         return Engine(backbone, registry, **options)
     if name == "onnxruntime":
-        from runtime.onnx_engine import OnnxEngine
+        from runtime.engines.onnxruntime_engine import OnnxEngine
 
         return OnnxEngine(backbone, registry, **options)
     raise ValueError(f"unknown engine {name!r}; choose from {ENGINES}")

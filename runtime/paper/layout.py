@@ -11,7 +11,7 @@ import re
 import torch
 from torch import Tensor
 
-from runtime.prompts import TaskPrompts
+from runtime.core.prompts import TaskPrompts
 
 PREFIX = "enc.transformer."
 LAYER = PREFIX + "encoder.layer.{i}."

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from runtime.backbone import Backbone, BackboneSpec
-from runtime.compile import CompiledTask, compile_task
-from runtime.package import Preprocess, TaskPackage, check_task_id
+from runtime.core.backbone import Backbone, BackboneSpec
+from runtime.core.compile import CompiledTask, compile_task
+from runtime.core.package import Preprocess, TaskPackage, check_task_id
 
 
 class UnknownTaskError(KeyError):

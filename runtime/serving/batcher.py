@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from runtime.engines import InferenceEngine
-from runtime.metrics import ServerMetrics
-from runtime.registry import TaskEntry, UnknownTaskError
-from runtime.threads import use_compute_threads
+from runtime.engines.base import InferenceEngine
+from runtime.serving.metrics import ServerMetrics
+from runtime.core.registry import TaskEntry, UnknownTaskError
+from runtime.serving.threads import use_compute_threads
 
 log = logging.getLogger("e2vpt.batcher")
 
@@ -105,7 +105,7 @@ class Batcher:
     """Bounded queue plus one computing thread that runs mixed-task batches through ``engine``.
 
     ``start()`` computes on a worker thread of its own; ``open()`` then ``run()`` computes on the
-    caller's thread instead (the server's command line uses its main thread: see runtime/threads.py).
+    caller's thread instead (the server's command line uses its main thread: see runtime/serving/threads.py).
     """
 
     def __init__(self, engine: InferenceEngine, config: BatcherConfig, metrics: ServerMetrics) -> None:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.backbone import Backbone
-from runtime.package import TaskPackage
+from runtime.core.backbone import Backbone
+from runtime.core.package import TaskPackage
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Per batch the engine gathers every row's prefix from the snapshot's slot tables (trimmed to the
 longest prefix of any loaded task, so a row's output never depends on its companions), runs the
 session for pooled features, and applies each row's head in PyTorch exactly as
-:class:`runtime.engine.Engine` does.
+:class:`runtime.engines.torch_engine.Engine` does.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from kernels.reference import prefix_mask
-from runtime.backbone import Backbone, BackboneSpec
-from runtime.engines import InferenceEngine
-from runtime.onnx_graph import FORMAT_NAME, FORMAT_VERSION, INPUT_NAMES, export_model
-from runtime.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.core.backbone import Backbone, BackboneSpec
+from runtime.engines.base import InferenceEngine
+from runtime.engines.onnx_graph import FORMAT_NAME, FORMAT_VERSION, INPUT_NAMES, export_model
+from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -12,9 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from runtime.backbone import Backbone, BackboneSpec
-from runtime.files import atomic_write
-from runtime.prompts import TaskPrompts
+from runtime.core.backbone import Backbone, BackboneSpec
+from runtime.core.files import atomic_write
+from runtime.core.prompts import TaskPrompts
 
 FORMAT_NAME = "e2vpt-task"
 FORMAT_VERSION = 1
