@@ -9,7 +9,7 @@ Variants, all timed round-robin in one process at each batch size (ratios come f
 * ``ours Np=.. T=..``: the runtime's engine with compiled prefixes, one task per batch (the registry
   holds only that task, so the prefix is exactly that task's).
 * ``ours mixed-8``: one batch whose rows belong to 8 tasks of different prompt counts (fp32 and bf16).
-* ``onnxruntime mixed-8``: the same mixed batch through :class:`runtime.engines.onnxruntime_engine.OnnxEngine`.
+* ``onnxruntime mixed-8``: the same mixed batch through the ONNX Runtime engine.
 
 Prompt settings are the paper's (Np, T) in {(10, 5), (32, 5), (5, 5)}, pruned as in ``runtime.demo``.
 Weights are seeded random (never downloaded), so top-1 agreement of bf16 with fp32 is measured on
@@ -49,11 +49,11 @@ from benchmarks.common import (
     write_results,
 )
 from runtime.core.backbone import Backbone, BackboneSpec
-from runtime.demo import DEMO_SETTINGS, demo_prompts
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import TaskPackage
 from runtime.core.prompts import TaskPrompts
 from runtime.core.registry import TaskRegistry
+from runtime.demo import DEMO_SETTINGS, demo_prompts
+from runtime.engines.torch_engine import Engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Indices into runtime.demo.DEMO_SETTINGS of the paper's three (Np, T) settings, pruned.

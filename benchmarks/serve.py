@@ -56,9 +56,9 @@ from benchmarks.common import (
     write_results,
 )
 from runtime.core.backbone import Backbone, BackboneSpec
+from runtime.core.registry import TaskRegistry
 from runtime.demo import demo_package
 from runtime.engines.torch_engine import Engine
-from runtime.core.registry import TaskRegistry
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ from benchmarks.common import (
     write_results,
 )
 from runtime.core.backbone import Backbone, BackboneSpec
-from runtime.demo import demo_prompts
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import TaskPackage, load_package
 from runtime.core.registry import TaskRegistry
+from runtime.demo import demo_prompts
+from runtime.engines.torch_engine import Engine
 
 THROUGHPUT_TARGET = 0.95  # throughput with the most tasks loaded, as a share of one task's
 MEMORY_TARGET = 1.2  # task bytes in memory / package tensor bytes

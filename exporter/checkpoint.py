@@ -27,11 +27,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from runtime.paper import layout as keys
 from runtime.core.backbone import ARCHITECTURES, BackboneError, BackboneSpec
 from runtime.core.files import atomic_write
 from runtime.core.package import Preprocess
 from runtime.core.prompts import DEFAULT_SEGMENTS, TaskPrompts
+from runtime.paper import layout as keys
 
 NATIVE_METADATA = "e2vpt_native"
 NATIVE_VERSION = 1

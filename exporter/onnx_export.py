@@ -24,7 +24,6 @@ from exporter.backbone import read_backbone_spec
 from exporter.checkpoint import ExportError
 from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
 from runtime.core.files import atomic_write
-from runtime.engines.onnxruntime_engine import session_options
 from runtime.engines.onnx_graph import (
     DEFAULT_OPSET,
     PrefixViT,
@@ -32,6 +31,7 @@ from runtime.engines.onnx_graph import (
     fuse_transformer,
     operator_counts,
 )
+from runtime.engines.onnxruntime_engine import session_options
 
 PROG = "python -m exporter onnx"
 # Parity of the exported graph with PyTorch on a random batch, fp32.

@@ -7,11 +7,11 @@ from torch import Tensor
 
 from exporter.checkpoint import LoadedTask
 from runtime.core.backbone import Backbone
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import TaskPackage
+from runtime.core.registry import TaskRegistry
+from runtime.engines.torch_engine import Engine
 from runtime.paper.layout import to_paper_state_dict
 from runtime.paper.reference import paper_forward
-from runtime.core.registry import TaskRegistry
 
 
 def reference_state(task: LoadedTask, backbone: Backbone) -> dict[str, Tensor]:

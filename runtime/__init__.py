@@ -2,10 +2,10 @@
 
 from runtime.core.backbone import RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec, fingerprint
 from runtime.core.compile import CompiledTask, compile_task
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import PackageError, Preprocess, TaskPackage, load_package
 from runtime.core.prompts import TaskPrompts
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.engines.torch_engine import Engine
 
 __all__ = [
     "RANDOM_WEIGHTS",

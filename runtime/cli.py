@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from runtime.engines.attention import BACKENDS
 from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
-from runtime.serving.batcher import BATCHING_MODES
-from runtime.engines.base import ENGINES, InferenceEngine, make_engine
 from runtime.core.registry import TaskRegistry
+from runtime.engines.attention import BACKENDS
+from runtime.engines.base import ENGINES, InferenceEngine, make_engine
+from runtime.serving.batcher import BATCHING_MODES
 from runtime.serving.task_store import MODES
 from runtime.serving.threads import use_compute_threads, use_one_thread
 

@@ -7,8 +7,8 @@ from torch import Tensor
 
 from runtime.core.backbone import Backbone
 from runtime.core.package import TaskPackage
-from runtime.paper.layout import to_paper_state_dict
 from runtime.core.prompts import TaskPrompts
+from runtime.paper.layout import to_paper_state_dict
 from runtime.paper.reference import paper_forward
 
 

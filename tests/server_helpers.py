@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from runtime.core.backbone import Backbone
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import Preprocess, TaskPackage
 from runtime.core.prompts import TaskPrompts
 from runtime.core.registry import TaskRegistry
+from runtime.engines.torch_engine import Engine
 from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 
 

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 import torch
 
+from runtime.core.registry import TaskRegistry, UnknownTaskError
+from runtime.engines.torch_engine import Engine
 from runtime.serving.batcher import (
     Batcher,
     BatcherConfig,
@@ -14,9 +16,7 @@ from runtime.serving.batcher import (
     QueueFullError,
     ShuttingDownError,
 )
-from runtime.engines.torch_engine import Engine
 from runtime.serving.metrics import ServerMetrics
-from runtime.core.registry import TaskRegistry, UnknownTaskError
 from tests.server_helpers import RecordingEngine, make_package
 
 

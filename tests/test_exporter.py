@@ -17,12 +17,12 @@ from exporter.backbone import save_backbone
 from exporter.checkpoint import ExportError, read_checkpoint, write_native
 from exporter.cli import dispatch, main, task_id_from_path
 from exporter.validate import relative_error
-from runtime.paper import layout as keys
 from runtime.core.backbone import Backbone
-from runtime.engines.torch_engine import Engine
 from runtime.core.package import load_package
-from runtime.paper.layout import backbone_to_paper, to_paper_state_dict
 from runtime.core.prompts import TaskPrompts
+from runtime.engines.torch_engine import Engine
+from runtime.paper import layout as keys
+from runtime.paper.layout import backbone_to_paper, to_paper_state_dict
 from runtime.paper.reference import paper_forward
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from runtime.core.backbone import Backbone
-from runtime.engines.torch_engine import Engine
-from runtime.engines.base import make_engine
-from runtime.engines.onnxruntime_engine import OnnxEngine, OnnxEngineError, default_providers
-from runtime.engines.onnx_graph import operator_counts
 from runtime.core.registry import TaskRegistry
+from runtime.engines.base import make_engine
+from runtime.engines.onnx_graph import operator_counts
+from runtime.engines.onnxruntime_engine import OnnxEngine, OnnxEngineError, default_providers
+from runtime.engines.torch_engine import Engine
 from tests.conftest import TINY
 from tests.helpers import images_for, random_package, relative_error
 

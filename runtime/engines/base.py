@@ -63,7 +63,7 @@ def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:
 
 
 def make_engine(name: str, backbone: Backbone, registry: TaskRegistry, **options: Any) -> InferenceEngine:
-    """``torch`` (options: ``attention``) or ``onnxruntime`` (options: see ``runtime.engines.onnxruntime_engine``)."""
+    """``torch`` (options: ``attention``) or ``onnxruntime`` (see ``OnnxEngine``)."""
     if name == "torch":
         from runtime.engines.torch_engine import Engine
 

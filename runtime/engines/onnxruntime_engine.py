@@ -21,9 +21,9 @@ from torch import Tensor
 
 from kernels.reference import prefix_mask
 from runtime.core.backbone import Backbone, BackboneSpec
+from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 from runtime.engines.base import InferenceEngine
 from runtime.engines.onnx_graph import FORMAT_NAME, FORMAT_VERSION, INPUT_NAMES, export_model
-from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from runtime.engines.attention import BINDERS, LayerAttention, resolve_backend
 from runtime.core.backbone import Backbone
-from runtime.engines.base import InferenceEngine
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.engines.attention import BINDERS, LayerAttention, resolve_backend
+from runtime.engines.base import InferenceEngine
 
 
 class Engine(InferenceEngine):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.paper import layout as keys
 from runtime.core.prompts import segment_dim_mask
+from runtime.paper import layout as keys
 
 LN_EPS = 1e-6
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from runtime.core.registry import TaskEntry, UnknownTaskError
 from runtime.engines.base import InferenceEngine
 from runtime.serving.metrics import ServerMetrics
-from runtime.core.registry import TaskEntry, UnknownTaskError
 from runtime.serving.threads import use_compute_threads
 
 log = logging.getLogger("e2vpt.batcher")

@@ -30,6 +30,9 @@ from protos import POOL
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
+from runtime.core.package import PackageError
+from runtime.core.registry import TaskEntry, UnknownTaskError
+from runtime.engines.base import InferenceEngine
 from runtime.serving.batcher import (
     Batcher,
     BatcherConfig,
@@ -38,9 +41,7 @@ from runtime.serving.batcher import (
     QueueFullError,
     ShuttingDownError,
 )
-from runtime.engines.base import InferenceEngine
 from runtime.serving.metrics import Duration, ServerMetrics
-from runtime.core.package import PackageError
 from runtime.serving.preprocess import (
     DEFAULT_MAX_PIXELS,
     InputError,
@@ -48,7 +49,6 @@ from runtime.serving.preprocess import (
     encoded_to_input,
     pixels_to_input,
 )
-from runtime.core.registry import TaskEntry, UnknownTaskError
 from runtime.serving.task_store import ModelControlError, TaskNotFoundError, TaskStore
 from runtime.serving.threads import use_one_thread
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.core.backbone import Backbone
-from runtime.serving.metrics import ServerMetrics
 from runtime.core.package import PACKAGE_SUFFIX, TASK_ID_PATTERN, PackageError, check_task_id, load_package
 from runtime.core.registry import TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.serving.metrics import ServerMetrics
 from runtime.serving.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.tasks")
