@@ -95,8 +95,8 @@ class RecordingEngine:
         self.release = threading.Event()
         self.release.set()
 
-    def forward_snapshot(self, snapshot, images, task_ids):
-        self.batches.append(list(task_ids))
+    def forward_entries(self, snapshot, images, entries):
+        self.batches.append([entry.task_id for entry in entries])
         self.started.set()
         self.release.wait(10)
-        return self.engine.forward_snapshot(snapshot, images, task_ids)
+        return self.engine.forward_entries(snapshot, images, entries)

@@ -169,13 +169,13 @@ def test_batches_can_run_on_the_callers_thread(engine, tiny_backbone):
     batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.05), ServerMetrics())
     batcher.open()
     computing_threads = set()
-    forward = engine.forward_snapshot
+    forward = engine.forward_entries
 
     def recording_forward(*args):
         computing_threads.add(threading.get_ident())
         return forward(*args)
 
-    engine.forward_snapshot = recording_forward
+    engine.forward_entries = recording_forward
     answers = []
 
     def client():

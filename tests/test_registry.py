@@ -54,7 +54,7 @@ def test_concurrent_churn_never_fails_or_mixes_versions(tiny_backbone: Backbone)
                 task_ids = (
                     ["stable", "churn", "stable", "churn"] if "churn" in snapshot.tasks else ["stable"] * 4
                 )
-                logits = engine.forward_snapshot(snapshot, images, task_ids)
+                logits = engine.forward_entries(snapshot, images, snapshot.entries(task_ids))
             for row in (0, 2):
                 assert torch.allclose(logits[row], expected[0][row], rtol=1e-5, atol=1e-6)
             if task_ids[1] == "churn":
@@ -82,11 +82,11 @@ def test_freed_slot_is_not_reused_while_a_snapshot_holds_it(tiny_backbone: Backb
     registry.add(first)
     with registry.acquire() as held:
         slot = held.tasks["a"].slot
-        keys_before = held.keys[:, slot].clone()
+        keys_before = held.prefix_k[:, slot].clone()
         registry.remove("a")
         registry.add(random_package(tiny_backbone, "b", seed=2)[0])
         registry.add(random_package(tiny_backbone, "c", seed=3)[0])
-        assert torch.equal(held.keys[:, slot], keys_before)
+        assert torch.equal(held.prefix_k[:, slot], keys_before)
     registry.add(random_package(tiny_backbone, "d", seed=4)[0])
     assert registry.get("d").slot == slot  # released, then reused
 
@@ -105,3 +105,25 @@ def test_replace_bumps_version_and_memory_report(tiny_backbone: Backbone) -> Non
         memory["t"] == 2 * spec.depth * spec.embed_dim * prefix * 4 + package.head_weight.numel() * 4 + 7 * 4
     )
     assert memory["__tables_allocated__"] >= memory["t"]
+
+
+def test_held_entry_answers_with_its_version_after_replace_and_unload(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone, initial_slots=1, initial_prefix=4)  # replace must grow
+    engine = Engine(tiny_backbone, registry, attention="torch")
+    old, _ = random_package(tiny_backbone, "t", seed=1, num_prompts=4, num_classes=3)
+    new, _ = random_package(tiny_backbone, "t", seed=2, num_prompts=20, num_classes=5)
+    images = images_for(tiny_backbone, 1, seed=3)
+    registry.add(old)
+    expected_old = engine.forward(images, ["t"])[0]
+    held = registry.hold("t")
+    registry.add(new)
+    registry.remove("t")
+    registry.add(random_package(tiny_backbone, "other", seed=4)[0])  # must not take the held slot
+    assert registry.get("other").slot != held.slot
+    with registry.acquire() as snapshot:
+        (answer,) = engine.forward_entries(snapshot, images, [held])
+    # Not bit-equal: this batch attends over a longer padded prefix (the new version's).
+    assert torch.allclose(answer, expected_old, rtol=1e-5, atol=1e-6)
+    registry.release(held)
+    registry.add(random_package(tiny_backbone, "late", seed=5)[0])
+    assert held.slot in {entry.slot for entry in registry.snapshot.tasks.values()}  # released, reused

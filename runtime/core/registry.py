@@ -82,17 +82,18 @@ class TaskEntry:
 class Snapshot:
     """Loaded tasks at one instant: prefix tables and the task-to-slot map. Never mutated.
 
-    ``keys``/``values [L, slots, H, P_max, d]``, ``bias [slots, P_max]`` (fp32),
-    ``lengths [slots]`` (int32). Slots not in ``tasks`` hold stale data and are never read.
+    ``prefix_k``/``prefix_v [L, slots, H, P_max, d]``, ``prefix_bias [slots, P_max]`` (fp32),
+    ``prefix_len [slots]`` (int32): the attention contract's names (:mod:`kernels.reference`).
+    Slots of no task in ``tasks`` hold stale data and are read only by requests that hold them.
     ``longest_prefix`` is the longest prefix of any loaded task: every batch attends over that
     many prefix slots, so a row's output never depends on which rows share its batch.
     """
 
     generation: int
-    keys: Tensor
-    values: Tensor
-    bias: Tensor
-    lengths: Tensor
+    prefix_k: Tensor
+    prefix_v: Tensor
+    prefix_bias: Tensor
+    prefix_len: Tensor
     tasks: Mapping[str, TaskEntry]
     longest_prefix: int
 
@@ -102,54 +103,55 @@ class Snapshot:
         except KeyError as error:
             raise UnknownTaskError(error.args[0]) from None
 
-    def slots(self, entries: Sequence[TaskEntry]) -> Tensor:
-        return torch.tensor([entry.slot for entry in entries], dtype=torch.int32, device=self.keys.device)
-
 
 @dataclass
 class _Tables:
-    keys: Tensor
-    values: Tensor
-    bias: Tensor
-    lengths: Tensor
+    prefix_k: Tensor
+    prefix_v: Tensor
+    prefix_bias: Tensor
+    prefix_len: Tensor
 
     @classmethod
     def allocate(cls, backbone: Backbone, slots: int, prefix: int) -> _Tables:
         spec, device, dtype = backbone.spec, backbone.device, backbone.dtype
         shape = (spec.depth, slots, spec.num_heads, prefix, spec.head_dim)
         return cls(
-            keys=torch.zeros(shape, dtype=dtype, device=device),
-            values=torch.zeros(shape, dtype=dtype, device=device),
-            bias=torch.zeros(slots, prefix, dtype=torch.float32, device=device),
-            lengths=torch.zeros(slots, dtype=torch.int32, device=device),
+            prefix_k=torch.zeros(shape, dtype=dtype, device=device),
+            prefix_v=torch.zeros(shape, dtype=dtype, device=device),
+            prefix_bias=torch.zeros(slots, prefix, dtype=torch.float32, device=device),
+            prefix_len=torch.zeros(slots, dtype=torch.int32, device=device),
         )
 
     def grown(self, backbone: Backbone, slots: int, prefix: int) -> _Tables:
         """New, larger tables holding a copy of these (live snapshots keep the old ones)."""
         bigger = _Tables.allocate(backbone, slots, prefix)
-        old_slots, old_prefix = self.bias.shape
-        bigger.keys[:, :old_slots, :, :old_prefix] = self.keys
-        bigger.values[:, :old_slots, :, :old_prefix] = self.values
-        bigger.bias[:old_slots, :old_prefix] = self.bias
-        bigger.lengths[:old_slots] = self.lengths
+        old_slots, old_prefix = self.prefix_bias.shape
+        bigger.prefix_k[:, :old_slots, :, :old_prefix] = self.prefix_k
+        bigger.prefix_v[:, :old_slots, :, :old_prefix] = self.prefix_v
+        bigger.prefix_bias[:old_slots, :old_prefix] = self.prefix_bias
+        bigger.prefix_len[:old_slots] = self.prefix_len
         return bigger
 
     def write(self, slot: int, task: CompiledTask) -> None:
         length = task.prefix_len
-        self.keys[:, slot, :, :length] = task.keys.to(self.keys.dtype)
-        self.values[:, slot, :, :length] = task.values.to(self.values.dtype)
-        self.keys[:, slot, :, length:] = 0
-        self.values[:, slot, :, length:] = 0
-        self.bias[slot] = 0
-        self.bias[slot, :length] = task.bias
-        self.lengths[slot] = length
+        self.prefix_k[:, slot, :, :length] = task.keys.to(self.prefix_k.dtype)
+        self.prefix_v[:, slot, :, :length] = task.values.to(self.prefix_v.dtype)
+        self.prefix_k[:, slot, :, length:] = 0
+        self.prefix_v[:, slot, :, length:] = 0
+        self.prefix_bias[slot] = 0
+        self.prefix_bias[slot, :length] = task.bias
+        self.prefix_len[slot] = length
 
 
 @dataclass
 class _Leases:
-    """Counts of snapshots in use, by generation, to know when a freed slot is safe to reuse."""
+    """What still reads the tables, to know when a freed slot is safe to reuse.
+
+    ``active``: snapshots in use, by generation. ``held``: entries held by requests, by slot.
+    """
 
     active: dict[int, int] = field(default_factory=dict)
+    held: dict[int, int] = field(default_factory=dict)
     freed: list[tuple[int, int]] = field(default_factory=list)  # (generation it was freed at, slot)
 
     def oldest(self) -> int | None:
@@ -157,7 +159,9 @@ class _Leases:
 
     def reusable(self) -> list[int]:
         oldest = self.oldest()
-        ready = [slot for gen, slot in self.freed if oldest is None or oldest >= gen]
+        ready = [
+            slot for gen, slot in self.freed if (oldest is None or oldest >= gen) and slot not in self.held
+        ]
         self.freed = [(gen, slot) for gen, slot in self.freed if slot not in ready]
         return ready
 
@@ -178,10 +182,10 @@ class TaskRegistry:
         tables = self._tables
         self._snapshot = Snapshot(
             generation=generation,
-            keys=tables.keys,
-            values=tables.values,
-            bias=tables.bias,
-            lengths=tables.lengths,
+            prefix_k=tables.prefix_k,
+            prefix_v=tables.prefix_v,
+            prefix_bias=tables.prefix_bias,
+            prefix_len=tables.prefix_len,
             tasks=MappingProxyType(tasks),
             longest_prefix=max((entry.prefix_len for entry in tasks.values()), default=0),
         )
@@ -198,7 +202,7 @@ class TaskRegistry:
         with self._lock:
             self._free.extend(self._leases.reusable())
             tables = self._tables
-            slots, prefix = tables.bias.shape
+            slots, prefix = tables.prefix_bias.shape
             if not self._free or compiled.prefix_len > prefix:
                 new_slots = slots * 2 if not self._free else slots
                 self._free.extend(range(slots, new_slots))
@@ -256,6 +260,29 @@ class TaskRegistry:
                 else:
                     del self._leases.active[snapshot.generation]
 
+    def hold(self, task_id: str) -> TaskEntry:
+        """Resolve ``task_id`` once, for one request: its entry stays computable until ``release``.
+
+        The entry's slot is not reused while held, so a request answers with the version it was
+        admitted under even if the task is replaced or unloaded while it waits.
+        """
+        with self._lock:
+            try:
+                entry = self._snapshot.tasks[task_id]
+            except KeyError:
+                raise UnknownTaskError(task_id) from None
+            self._leases.held[entry.slot] = self._leases.held.get(entry.slot, 0) + 1
+        return entry
+
+    def release(self, entry: TaskEntry) -> None:
+        """Drop one ``hold`` of ``entry``."""
+        with self._lock:
+            count = self._leases.held[entry.slot] - 1
+            if count:
+                self._leases.held[entry.slot] = count
+            else:
+                del self._leases.held[entry.slot]
+
     @property
     def snapshot(self) -> Snapshot:
         """The current snapshot, unleased: for metadata only, not for running a forward."""
@@ -278,6 +305,6 @@ class TaskRegistry:
         """Bytes per loaded task, plus the tables' allocated total (padding and free slots included)."""
         snapshot = self._snapshot
         report = {task_id: entry.nbytes for task_id, entry in snapshot.tasks.items()}
-        tables = (snapshot.keys, snapshot.values, snapshot.bias, snapshot.lengths)
+        tables = (snapshot.prefix_k, snapshot.prefix_v, snapshot.prefix_bias, snapshot.prefix_len)
         report["__tables_allocated__"] = sum(t.numel() * t.element_size() for t in tables)
         return report

@@ -12,25 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import prefix_mask
-from runtime.core.registry import Snapshot
+from runtime.core.plan import PrefixPlan
 
 LayerAttention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 BACKENDS = ("auto", "torch", "triton")
 
 
-def bind_torch(snapshot: Snapshot, slots: Tensor, num_tokens: int) -> LayerAttention:
-    """SDPA over ``[gathered prefix ; tokens]``, the prefix trimmed to the snapshot's longest."""
-    rows = slots.long()
-    longest = snapshot.longest_prefix
-    if longest == 0:
+def bind_torch(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
+    """SDPA over ``[gathered prefix ; tokens]`` with the plan's additive mask."""
+    if plan.longest_prefix == 0:
         return lambda layer, q, k, v: F.scaled_dot_product_attention(q, k, v)
-    dtype = snapshot.keys.dtype
-    mask = prefix_mask(snapshot.bias[:, :longest], snapshot.lengths, rows, num_tokens, dtype)
+    mask = plan.mask(num_tokens, plan.prefix_k.dtype)
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        prefix_k = snapshot.keys[layer, :, :, :longest].index_select(0, rows)
-        prefix_v = snapshot.values[layer, :, :, :longest].index_select(0, rows)
+        prefix_k, prefix_v = plan.gather(layer)
         keys = torch.cat([prefix_k, k], dim=2)
         values = torch.cat([prefix_v, v], dim=2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
@@ -38,13 +33,20 @@ def bind_torch(snapshot: Snapshot, slots: Tensor, num_tokens: int) -> LayerAtten
     return attend
 
 
-def bind_triton(snapshot: Snapshot, slots: Tensor, num_tokens: int) -> LayerAttention:
+def bind_triton(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
     """The fused Triton kernel: the prefix is read by row from the tables, never concatenated."""
     from kernels import prefix_attention
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return prefix_attention(
-            q, k, v, snapshot.keys[layer], snapshot.values[layer], snapshot.bias, snapshot.lengths, slots
+            q,
+            k,
+            v,
+            plan.prefix_k[layer],
+            plan.prefix_v[layer],
+            plan.prefix_bias,
+            plan.prefix_len,
+            plan.task_of_row,
         )
 
     return attend
@@ -71,7 +73,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "torch"
 
 
-BINDERS: dict[str, Callable[[Snapshot, Tensor, int], LayerAttention]] = {
+BINDERS: dict[str, Callable[[PrefixPlan, int], LayerAttention]] = {
     "torch": bind_torch,
     "triton": bind_triton,
 }

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.core.backbone import Backbone
+from runtime.core.plan import PrefixPlan
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 
 ENGINES = ("torch", "onnxruntime")
@@ -27,26 +28,31 @@ class InferenceEngine(ABC):
     registry: TaskRegistry
 
     @abstractmethod
-    def features(self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]) -> Tensor:
-        """Final-norm CLS features ``[B, D]`` of ``images``, row ``b`` under task ``entries[b]``."""
+    def features(self, plan: PrefixPlan, images: Tensor) -> Tensor:
+        """Final-norm CLS features ``[B, D]``; row ``b`` runs under the task in ``plan.task_of_row[b]``."""
 
     @torch.inference_mode()
     def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
         """Logits (fp32, on CPU) per row, each from its own task's head; ``images [B, 3, S, S]``."""
         with self.registry.acquire() as snapshot:
-            return self.forward_snapshot(snapshot, images, task_ids)
+            return self.forward_entries(snapshot, images, snapshot.entries(task_ids))
 
     @torch.inference_mode()
-    def forward_snapshot(self, snapshot: Snapshot, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
-        """``forward`` on a snapshot the caller holds (one snapshot for a whole server batch)."""
+    def forward_entries(
+        self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]
+    ) -> list[Tensor]:
+        """``forward`` of rows already resolved to entries, over a snapshot the caller holds.
+
+        The server resolves each request once (``TaskRegistry.hold``) and runs a whole batch on
+        one snapshot; an entry older than the snapshot's is still computable while it is held.
+        """
         size = self.backbone.spec.img_size
-        expected = (len(task_ids), 3, size, size)
+        expected = (len(entries), 3, size, size)
         if tuple(images.shape) != expected:
             raise ValueError(f"images {tuple(images.shape)} are not {list(expected)}")
-        entries = snapshot.entries(task_ids)
         if not entries:
             return []
-        return apply_heads(self.features(snapshot, images, entries), entries)
+        return apply_heads(self.features(PrefixPlan.build(snapshot, entries), images), entries)
 
 
 def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:

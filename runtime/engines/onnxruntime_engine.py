@@ -19,9 +19,9 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from kernels.reference import prefix_mask
 from runtime.core.backbone import Backbone, BackboneSpec
-from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.core.plan import PrefixPlan
+from runtime.core.registry import TaskRegistry
 from runtime.engines.base import InferenceEngine
 from runtime.engines.onnx_graph import FORMAT_NAME, FORMAT_VERSION, INPUT_NAMES, export_model
 
@@ -146,25 +146,19 @@ class OnnxEngine(InferenceEngine):
         if names != INPUT_NAMES:
             raise OnnxEngineError(f"{self._name}: graph inputs {names}, expected {INPUT_NAMES}")
 
-    def features(self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]) -> Tensor:
+    def features(self, plan: PrefixPlan, images: Tensor) -> Tensor:
         """Final-norm CLS features ``[B, D]`` (fp32, CPU) from the session."""
-        (features,) = self.session.run(None, self.inputs(snapshot, images, entries))
+        (features,) = self.session.run(None, self.inputs(plan, images))
         return torch.from_numpy(features)
 
-    def inputs(
-        self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]
-    ) -> dict[str, np.ndarray]:
-        """The graph's inputs for one batch: each row's prefix, trimmed to the snapshot's longest."""
-        rows = snapshot.slots(entries).long()
-        longest = snapshot.longest_prefix
-        keys = snapshot.keys[:, :, :, :longest].index_select(1, rows)
-        values = snapshot.values[:, :, :, :longest].index_select(1, rows)
-        mask = prefix_mask(snapshot.bias[:, :longest], snapshot.lengths, rows, 0, torch.float32)
+    def inputs(self, plan: PrefixPlan, images: Tensor) -> dict[str, np.ndarray]:
+        """The graph's inputs for one batch: each row's prefix for every layer, and its mask."""
+        rows = plan.rows
         return {
             "pixels": _numpy(images),
-            "prefix_keys": _numpy(keys),
-            "prefix_values": _numpy(values),
-            "prefix_mask": _numpy(mask.view(len(entries), longest)),
+            "prefix_keys": _numpy(plan.prefix_k.index_select(1, rows)),
+            "prefix_values": _numpy(plan.prefix_v.index_select(1, rows)),
+            "prefix_mask": _numpy(plan.mask(0, torch.float32).view(len(rows), plan.longest_prefix)),
         }
 
 

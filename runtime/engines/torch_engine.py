@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from runtime.core.backbone import Backbone
-from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.core.plan import PrefixPlan
+from runtime.core.registry import TaskRegistry
 from runtime.engines.attention import BINDERS, LayerAttention, resolve_backend
 from runtime.engines.base import InferenceEngine
 
@@ -23,12 +22,12 @@ class Engine(InferenceEngine):
         self.registry = registry if registry is not None else TaskRegistry(backbone)
         self.attention = resolve_backend(attention, backbone.device)
 
-    def features(self, snapshot: Snapshot, images: Tensor, entries: Sequence[TaskEntry]) -> Tensor:
+    def features(self, plan: PrefixPlan, images: Tensor) -> Tensor:
         """Final-norm CLS features ``[B, D]`` in the backbone's dtype."""
         model = self.backbone.model
         x = model.patch_embed(images.to(device=self.backbone.device, dtype=self.backbone.dtype))
         x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-        attend = BINDERS[self.attention](snapshot, snapshot.slots(entries), x.shape[1])
+        attend = BINDERS[self.attention](plan, x.shape[1])
         for layer, block in enumerate(model.blocks):
             x = x + block.ls1(self._attention(block, layer, block.norm1(x), attend))
             x = x + block.ls2(block.mlp(block.norm2(x)))

@@ -248,7 +248,7 @@ class Batcher:
             images = torch.cat([request.images for request in runnable])
             task_ids = [request.task_id for request in runnable for _ in range(request.rows)]
             inputs_ready = time.perf_counter_ns()
-            logits = self.engine.forward_snapshot(snapshot, images, task_ids)
+            logits = self.engine.forward_entries(snapshot, images, snapshot.entries(task_ids))
             inferred = time.perf_counter_ns()
             results = []
             row = 0

@@ -1,0 +1,73 @@
+"""The per-batch prefix plan: one snapshot's tables bound to one batch's rows.
+
+Built once per batch (FlashInfer's ``plan()``), read by every layer (``run()``). Its fields carry
+the names of the attention contract (:mod:`kernels.reference`), so an engine hands them to a
+backend as they are. Every backend, the ONNX engine and the kernel benchmark use this plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from kernels.reference import prefix_mask
+from runtime.core.registry import Snapshot, TaskEntry
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Prefix tables of one batch, trimmed to ``P`` = the longest prefix the batch attends over.
+
+    ``prefix_k``/``prefix_v [L, slots, H, P, d]`` (views of the snapshot's tables, not copies),
+    ``prefix_bias [slots, P]`` fp32, ``prefix_len [slots]`` int32, ``task_of_row [B]`` int32 (the
+    slot of each row's task). ``P`` is the longest prefix of every loaded task, not of this batch's
+    tasks, so a row's output never depends on which rows share its batch.
+    """
+
+    task_of_row: Tensor
+    prefix_k: Tensor
+    prefix_v: Tensor
+    prefix_bias: Tensor
+    prefix_len: Tensor
+
+    @classmethod
+    def build(cls, snapshot: Snapshot, entries: Sequence[TaskEntry]) -> PrefixPlan:
+        """The plan of rows ``entries`` (one per row) over ``snapshot``'s tables.
+
+        An entry may be an older version than the snapshot's (a request resolved before its task
+        was replaced): its slot is held by the request, so the tables still hold its rows.
+        """
+        longest = max([snapshot.longest_prefix, *(entry.prefix_len for entry in entries)])
+        slots = [entry.slot for entry in entries]
+        device = snapshot.prefix_k.device
+        return cls(
+            task_of_row=torch.tensor(slots, dtype=torch.int32, device=device),
+            prefix_k=snapshot.prefix_k[:, :, :, :longest],
+            prefix_v=snapshot.prefix_v[:, :, :, :longest],
+            prefix_bias=snapshot.prefix_bias[:, :longest],
+            prefix_len=snapshot.prefix_len,
+        )
+
+    @property
+    def longest_prefix(self) -> int:
+        return self.prefix_k.shape[3]
+
+    @cached_property
+    def rows(self) -> Tensor:
+        """``task_of_row`` as an index (int64) for gathers."""
+        return self.task_of_row.long()
+
+    def gather(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Each row's prefix keys and values at ``layer``: ``[B, H, P, d]`` each (a copy)."""
+        return (
+            self.prefix_k[layer].index_select(0, self.rows),
+            self.prefix_v[layer].index_select(0, self.rows),
+        )
+
+    def mask(self, num_tokens: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask ``[B, 1, 1, P + num_tokens]`` over ``[prefix ; tokens]`` (see ``prefix_mask``)."""
+        return prefix_mask(self.prefix_bias, self.prefix_len, self.rows, num_tokens, dtype)
