@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton_service
@@ -65,8 +66,16 @@ def test_enums_and_service_match_tritonclient():
 def test_generated_stubs_are_reproducible(tmp_path):
     written = generate.generate(tmp_path)
     committed = Path(generate.__file__).parent
-    assert sorted(p.name for p in written) == sorted(p.name for p in committed.glob("*_pb2*.py"))
+    stubs = [*committed.glob("*_pb2*.py"), *committed.glob("*_pb2.pyi")]
+    assert sorted(p.name for p in written) == sorted(p.name for p in stubs)
     for path in written:
         assert path.read_text() == (committed / path.name).read_text(), (
             f"{path.name} differs; run python -m protos.generate"
         )
+
+
+def test_generate_cli_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "out_dir" in capsys.readouterr().out
