@@ -13,17 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.core.prompts import segment_dim_mask
 from runtime.paper import layout as keys
 
 LN_EPS = 1e-6
+
+
+def _segment_dim_mask(segment_mask: Tensor, dim: int) -> Tensor:
+    """The paper's ``[Np, S]`` segment mask tiled along the width: dim ``d`` of a token uses column ``d % S``.
+
+    Written here from the paper's definition, not imported from the runtime it checks.
+    """
+    return segment_mask[:, torch.arange(dim) % segment_mask.shape[-1]]
 
 
 def _mask_prompts(state: dict[str, Tensor], prompts: Tensor) -> Tensor:
     if keys.TOKEN_MASK in state:
         prompts = prompts * state[keys.TOKEN_MASK].to(prompts.dtype)[:, None]
     if keys.SEGMENT_MASK in state:
-        prompts = prompts * segment_dim_mask(state[keys.SEGMENT_MASK].to(prompts.dtype), prompts.shape[-1])
+        prompts = prompts * _segment_dim_mask(state[keys.SEGMENT_MASK].to(prompts.dtype), prompts.shape[-1])
     return prompts
 
 
