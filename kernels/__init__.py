@@ -1,21 +1,40 @@
 """Attention kernels over a per-row task prefix.
 
-``prefix_attention_reference`` is the pure-PyTorch contract; ``prefix_attention`` is the Triton
-kernel, imported on first call so that importing :mod:`kernels` never imports :mod:`triton`
-(check :func:`triton_available` first).
+``prefix_attention_reference`` is the pure-PyTorch contract (``prefix_attention_cascade_reference``
+computes it as tokens and prefix apart, merged). Two Triton backends implement it, each imported on
+first call so that importing :mod:`kernels` never imports :mod:`triton` (check :func:`triton_available`
+first; the ``triton_*`` modules are the only ones importing it):
+
+* ``"triton"``, :func:`prefix_attention`: one fused kernel streaming the prefix and the tokens.
+* ``"cascade"``, :func:`prefix_attention_cascade`: the vendor's SDPA (cuDNN) over the tokens with its
+  log-sum-exp, then a fused prefix-and-merge kernel.
+
+:func:`attention_backend` maps these names (and ``"reference"``) to the functions.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from kernels.reference import prefix_attention_reference, prefix_mask
+from kernels.reference import prefix_attention_cascade_reference, prefix_attention_reference, prefix_mask
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_mask", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "attention_backend",
+    "prefix_attention",
+    "prefix_attention_cascade",
+    "prefix_attention_cascade_reference",
+    "prefix_attention_reference",
+    "prefix_mask",
+    "triton_available",
+]
+
+PrefixAttention = Callable[..., Tensor]
 
 
 @functools.cache
@@ -49,7 +68,41 @@ def prefix_attention(
     task_of_row: Tensor,
     scale: float | None = None,
 ) -> Tensor:
-    """The Triton kernel (see :mod:`kernels.triton_prefix`); same contract as the reference."""
+    """The fused Triton kernel (see :mod:`kernels.triton_prefix`); same contract as the reference."""
     from kernels.triton_prefix import prefix_attention as kernel
 
     return kernel(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, scale)
+
+
+def prefix_attention_cascade(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    prefix_bias: Tensor,
+    prefix_len: Tensor,
+    task_of_row: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Vendor SDPA + prefix-and-merge kernel (see :mod:`kernels.triton_cascade`); same contract."""
+    from kernels.triton_cascade import prefix_attention_cascade as cascade
+
+    return cascade(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, scale)
+
+
+BACKENDS: dict[str, PrefixAttention] = {
+    "reference": prefix_attention_reference,
+    "triton": prefix_attention,
+    "cascade": prefix_attention_cascade,
+}
+
+
+def attention_backend(name: str) -> PrefixAttention:
+    """The contract's implementation called ``name`` (one of :data:`BACKENDS`)."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown prefix attention backend {name!r}; choose from {sorted(BACKENDS)}"
+        ) from None

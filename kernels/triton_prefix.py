@@ -28,42 +28,24 @@ This is the only module of the repository that imports :mod:`triton`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["prefix_attention"]
+from kernels.launch_configs import device_capability, prefix_config
 
-_LOG2E = 1.4426950408889634  # log2(e): e^x == 2^(x * log2(e))
-LOG2E: tl.constexpr = tl.constexpr(_LOG2E)  # the same constant, visible inside kernels
-_HEAD_DIMS = (32, 64, 80, 128)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["check_contract", "prefix_attention"]
 
-
-def _configs() -> list[triton.Config]:
-    """Autotuning space: query/key block sizes, warps and software-pipelining stages.
-
-    Hopper and Ampere both like 64..128-row query blocks with 32..64-key blocks for head dims up to
-    128; more stages hide the latency of the K/V loads. The interpreter runs one tiny configuration,
-    since autotuning there would execute every candidate on the CPU.
-    """
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m in (64, 128)
-        for block_n in (32, 64)
-        for warps in (4, 8)
-        for stages in (2, 3, 4)
-        if not (block_m == 64 and warps == 8)
-    ]
+LOG2E_HOST = 1.4426950408889634  # log2(e) on the host: e^x == 2^(x * log2(e))
+LOG2E: tl.constexpr = tl.constexpr(LOG2E_HOST)  # the same constant, visible inside kernels
+HEAD_DIMS = (32, 64, 80, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _attend_block(
+def attend_block(
     acc,
     l_i,
     m_i,
@@ -95,8 +77,8 @@ def _attend_block(
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_configs(), key=["N_CTX", "P_MAX", "HEAD_DIM"])
-@triton.jit
+# P_MAX follows the loaded tasks; not specializing on it keeps one compiled variant per configuration.
+@triton.jit(do_not_specialize=["P_MAX"])
 def _prefix_attention_kernel(
     Q, K, V, PK, PV, PBIAS, PLEN, TASK, Out,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -155,7 +137,7 @@ def _prefix_attention_kernel(
         logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
         kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
         v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
-        acc, l_i, m_i = _attend_block(
+        acc, l_i, m_i = attend_block(
             acc, l_i, m_i, q,
             kt_ptrs, col_ok[None, :] & d_mask[:, None],
             v_ptrs, col_ok[:, None] & d_mask[None, :],
@@ -171,7 +153,7 @@ def _prefix_attention_kernel(
         logit_bias = tl.where(col_ok, 0.0, float("-inf"))
         kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        acc, l_i, m_i = _attend_block(
+        acc, l_i, m_i = attend_block(
             acc, l_i, m_i, q,
             kt_ptrs, col_ok[None, :] & d_mask[:, None],
             v_ptrs, col_ok[:, None] & d_mask[None, :],
@@ -183,6 +165,39 @@ def _prefix_attention_kernel(
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh
     o_ptrs += offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N_CTX) & d_mask[None, :])
+
+
+def check_contract(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    prefix_bias: Tensor,
+    prefix_len: Tensor,
+    task_of_row: Tensor,
+) -> None:
+    """Raise ``ValueError`` unless the inputs fit the attention contract and the kernels' limits."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [B, H, N, d] shape, got {q.shape}, {k.shape}, {v.shape}")
+    batch, heads, n_ctx, head_dim = q.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} is not supported (expected one of {HEAD_DIMS})")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    tasks, _, p_max, _ = prefix_k.shape
+    if prefix_k.shape != (tasks, heads, p_max, head_dim) or prefix_v.shape != prefix_k.shape:
+        raise ValueError(
+            f"prefix_k/prefix_v must be [tasks, {heads}, P_max, {head_dim}], "
+            f"got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
+        )
+    if prefix_bias.shape != (tasks, p_max) or prefix_len.shape != (tasks,) or task_of_row.shape != (batch,):
+        raise ValueError(
+            f"expected prefix_bias [{tasks}, {p_max}], prefix_len [{tasks}], task_of_row [{batch}]; got "
+            f"{tuple(prefix_bias.shape)}, {tuple(prefix_len.shape)}, {tuple(task_of_row.shape)}"
+        )
+    if n_ctx == 0:
+        raise ValueError("attention needs at least one token per row")
 
 
 def prefix_attention(
@@ -203,29 +218,12 @@ def prefix_attention(
     ``[tasks, H, P_max, d]``; prefix_bias ``[tasks, P_max]``; prefix_len ``[tasks]``;
     task_of_row ``[B]``. ``d`` must be one of 32, 64, 80, 128; inputs fp16, bf16 or fp32 (the
     prefix tables are cast to q's dtype on load). Returns a contiguous ``[B, H, N, d]`` tensor in
-    q's dtype. Softmax statistics and accumulation are fp32.
+    q's dtype. Softmax statistics and accumulation are fp32. The launch configuration is fixed
+    per (GPU, head dim, dtype, batch, P_max) by :func:`kernels.launch_configs.prefix_config`.
     """
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [B, H, N, d] shape, got {q.shape}, {k.shape}, {v.shape}")
+    check_contract(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row)
     batch, heads, n_ctx, head_dim = q.shape
-    if head_dim not in _HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} is not supported (expected one of {_HEAD_DIMS})")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    tasks, _, p_max, _ = prefix_k.shape
-    if prefix_k.shape != (tasks, heads, p_max, head_dim) or prefix_v.shape != prefix_k.shape:
-        raise ValueError(
-            f"prefix_k/prefix_v must be [tasks, {heads}, P_max, {head_dim}], "
-            f"got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
-        )
-    if prefix_bias.shape != (tasks, p_max) or prefix_len.shape != (tasks,) or task_of_row.shape != (batch,):
-        raise ValueError(
-            f"expected prefix_bias [{tasks}, {p_max}], prefix_len [{tasks}], task_of_row [{batch}]; got "
-            f"{tuple(prefix_bias.shape)}, {tuple(prefix_len.shape)}, {tuple(task_of_row.shape)}"
-        )
-    if n_ctx == 0:
-        raise ValueError("attention needs at least one token per row")
-
+    p_max = prefix_k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # Small index tensors only; the big K/V inputs are read in place through their strides.
     prefix_len = prefix_len.to(torch.int32)
@@ -234,21 +232,27 @@ def prefix_attention(
     out = torch.empty((batch, heads, n_ctx, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n_ctx, meta["BLOCK_M"]) * batch * heads,)
-
+    config = prefix_config(device_capability(q.device), head_dim, q.dtype, batch, p_max)
+    grid = (triton.cdiv(n_ctx, config.block_m) * batch * heads,)
     _prefix_attention_kernel[grid](
         q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, out,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_k.stride(), *prefix_v.stride(), *prefix_bias.stride(), *out.stride(),
-        scale * _LOG2E,
+        scale * LOG2E_HOST,
         heads,
         n_ctx,
         p_max,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        # fp32 inputs get exact fp32 products (no TF32) so they match the fp32 reference.
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=input_precision(q.dtype),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (no TF32) so they match the fp32 reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
