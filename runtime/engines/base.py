@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.core.backbone import Backbone
 from runtime.core.plan import PrefixPlan
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
+from runtime.engines.heads import apply_heads
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -53,19 +53,6 @@ class InferenceEngine(ABC):
         if not entries:
             return []
         return apply_heads(self.features(PrefixPlan.build(snapshot, entries), images), entries)
-
-
-def apply_heads(features: Tensor, entries: Sequence[TaskEntry]) -> list[Tensor]:
-    """Each row through its own task's linear head, in fp32.
-
-    One matmul per row, not per task: a GEMM's rounding can depend on how many rows it gets,
-    and a row's logits must not depend on which rows share its batch.
-    """
-    features = features.float()
-    return [
-        F.linear(features[row].to(entry.head_weight.device), entry.head_weight, entry.head_bias).cpu()
-        for row, entry in enumerate(entries)
-    ]
 
 
 def make_engine(name: str, backbone: Backbone, registry: TaskRegistry, **options: Any) -> InferenceEngine:
