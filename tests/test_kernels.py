@@ -247,6 +247,14 @@ def test_package_api_is_lazy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message shown without CUDA")
+def test_benchmark_says_it_needs_cuda() -> None:
+    from benchmarks.kernel_prefix_attention import main
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["--batch", "128", "--prefix", "16"])
+
+
 CUDA = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (compiled kernels)")
 
 
