@@ -22,7 +22,8 @@ exponentials are ``exp2``, which maps to a single hardware instruction. Masked s
 ``-inf``; a block whose slots are all masked would give ``m_j = -inf`` and ``-inf - -inf = NaN``, so
 the maximum used for the exponentials is clamped to 0 in that case (every ``p`` is then exactly 0).
 
-This is the only module of the repository that imports :mod:`triton`.
+This module and :mod:`kernels.triton_cascade` (which reuses :func:`attend_block`) are the only ones
+importing :mod:`triton`.
 """
 
 from __future__ import annotations
