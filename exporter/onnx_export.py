@@ -22,6 +22,7 @@ import torch
 
 from exporter.backbone import read_backbone_spec
 from exporter.checkpoint import ExportError
+from exporter.cli import clean_stale_temporaries
 from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneError, BackboneSpec
 from runtime.core.files import atomic_write
 from runtime.engines.onnx_graph import (
@@ -152,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.opset < DEFAULT_OPSET:
         print(f"error: --opset {args.opset} is below {DEFAULT_OPSET} (LayerNormalization)", file=sys.stderr)
         return 2
+    clean_stale_temporaries(Path(args.output).parent)
     try:
         spec = resolve_spec(args)
         backbone = Backbone.create(spec, args.weights, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,14 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from runtime.core.files import (
+    SafetensorsFormatError,
+    atomic_write,
+    read_safetensors,
+    read_safetensors_metadata,
+    shown,
+)
 
 RANDOM_WEIGHTS = "random"
 # Header key of a backbone file this project wrote: ``{"spec": ..., "fingerprint": ..., "source": ...}``.
@@ -24,6 +33,12 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
     "vit_large_patch16_224": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
     "vit_huge_patch16_224": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
 }
+
+
+# Bounds on a spec read from a file; far above any ViT, low enough for plain integer arithmetic.
+SPEC_LIMITS = {"embed_dim": 2**16, "depth": 2**10, "num_heads": 2**10, "patch_size": 2**12, "img_size": 2**14}
+MAX_MLP_RATIO = 64
+MAX_NAME_LENGTH = 256
 
 
 class BackboneError(ValueError):
@@ -42,6 +57,18 @@ class BackboneSpec:
     mlp_ratio: float = 4.0
     name: str = "vit_base_patch16_224"
 
+    def __post_init__(self) -> None:
+        # Specs are read from files: refuse what would break arithmetic later (bools, floats, huge).
+        for field_name, limit in SPEC_LIMITS.items():
+            value = getattr(self, field_name)
+            if type(value) is not int or not 1 <= value <= limit:
+                raise BackboneError(f"backbone spec field {field_name!r} must be an integer in 1..{limit}")
+        ratio = self.mlp_ratio
+        if type(ratio) not in (int, float) or not 0 < ratio <= MAX_MLP_RATIO:
+            raise BackboneError(f"backbone spec field 'mlp_ratio' must be a number in (0, {MAX_MLP_RATIO}]")
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LENGTH:
+            raise BackboneError(f"backbone spec field 'name' must be a string of at most {MAX_NAME_LENGTH}")
+
     @classmethod
     def named(cls, name: str) -> BackboneSpec:
         if name not in ARCHITECTURES:
@@ -50,10 +77,12 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
-        fields = set(cls.__dataclass_fields__)
-        unknown = set(data) - fields
+        if not isinstance(data, dict):
+            raise BackboneError(f"backbone spec must be an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise BackboneError(f"unknown backbone spec fields: {sorted(unknown)}")
+            listed = ", ".join(shown(name) for name in unknown[:5])
+            raise BackboneError(f"unknown backbone spec fields: {listed}{' ...' if len(unknown) > 5 else ''}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,13 +113,20 @@ class BackboneSpec:
         )
 
 
-def fingerprint(state: dict[str, Tensor]) -> str:
+def fingerprint(state: Mapping[str, Tensor]) -> str:
     """SHA-256 over sorted tensor names, dtypes, shapes and bytes: equal weights, equal print."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha256_of_tensors(state)
+
+
+def sha256_of_tensors(tensors: Mapping[str, Tensor], preamble: bytes = b"") -> str:
+    """SHA-256 (hex) of ``preamble``, then per tensor by sorted name ``"<name>|<dtype>|<shape tuple>\\n"``
+    and its raw little-endian bytes."""
+    digest = hashlib.sha256(preamble)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        line = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
+        digest.update(line.encode("utf-8", "surrogatepass"))  # names read from a file may hold anything
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -100,12 +136,11 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise BackboneError(f"backbone weights {path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
+            # Into process memory, not mapped: a backbone file replaced or truncated later cannot
+            # change the served weights or fault the server.
+            return read_safetensors(path).tensors
+        except (SafetensorsFormatError, OSError) as error:
             raise BackboneError(
                 f"backbone weights {path}: not a readable safetensors file ({error})"
             ) from error
@@ -122,16 +157,13 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
 def recorded_spec(path: str | Path) -> BackboneSpec | None:
     """The architecture recorded in a file ``Backbone.save`` wrote; ``None`` for other files."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(BACKBONE_METADATA)
+        raw = read_safetensors_metadata(path).get(BACKBONE_METADATA)
         return None if raw is None else BackboneSpec.from_dict(json.loads(raw)["spec"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise BackboneError(f"{path}: header {BACKBONE_METADATA!r} is unreadable: {error}") from error
 
 
@@ -186,8 +218,6 @@ class Backbone:
         """Write the timm state dict as safetensors, atomically; the header records spec and fingerprint."""
         from safetensors.torch import save
 
-        from runtime.core.files import atomic_write
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise BackboneError(
@@ -204,14 +234,14 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.cls_token.dtype
+        return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.cls_token.device
+        return next(self.model.parameters()).device
 
     @property
-    def blocks(self) -> nn.ModuleList:
+    def blocks(self) -> nn.Sequential:
         return self.model.blocks
 
     def describe(self) -> dict[str, Any]:
