@@ -5,6 +5,9 @@ and only files that resolve (symlinks followed) to a regular file directly insid
 Modes: ``none`` loads everything at start and refuses load/unload requests; ``explicit`` loads
 the ``--load-task`` ids at start, then on request; ``poll`` rescans the directory periodically,
 loading new or changed files (by mtime and size) and unloading deleted ones.
+
+One bad file affects only its own task: any failure to load it is recorded as that task's state
+(shown by ``index``) and the start-up loads and scans go on with the other files.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.core.backbone import Backbone
-from runtime.core.package import PACKAGE_SUFFIX, TASK_ID_PATTERN, PackageError, check_task_id, load_package
+from runtime.core.files import shown
+from runtime.core.package import (
+    PACKAGE_SUFFIX,
+    TASK_ID_PATTERN,
+    PackageError,
+    TaskPackage,
+    check_task_id,
+    load_package,
+)
 from runtime.core.registry import TaskEntry, TaskRegistry, UnknownTaskError
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.threads import use_one_thread
@@ -37,6 +48,10 @@ class ModelControlError(PermissionError):
     """Load/unload requests are not allowed in this model-control mode."""
 
 
+class TaskLoadCancelledError(RuntimeError):
+    """An unload of the task arrived while its load was running; the load was undone."""
+
+
 @dataclass(frozen=True)
 class IndexEntry:
     name: str
@@ -45,8 +60,29 @@ class IndexEntry:
     reason: str
 
 
+Signature = tuple[int, int]  # (mtime in ns, size): a file changed when this does
+
+
 class TaskStore:
-    """Loads and unloads tasks from one directory into a registry; safe to call from several threads."""
+    """Loads and unloads tasks from one directory into a registry; safe to call from several threads.
+
+    Locking, so that nothing waits behind a slow load except another load:
+
+    - ``_load_lock`` serializes loads (of any task): a package is read, checked and compiled by one
+      thread at a time, and a file's successive versions load in order. Only ``load`` takes it.
+    - ``_state_lock`` guards the small per-task dictionaries and is held only while they change
+      (never across file I/O or compiling). ``unload``, ``index`` and ``failures`` take only this
+      lock and the registry's own short lock, so they answer while a load runs.
+    - ``unload`` of a task whose load is running does not wait: it marks the load cancelled and
+      removes what is loaded; the load then undoes its own registry add and raises
+      ``TaskLoadCancelledError``. Either order ends with the task unloaded.
+
+    Per-task state is bounded by the directory, not by requests: an invalid id is refused before
+    anything is stored, a failed load is remembered only when the task's file exists, and entries
+    of files that disappeared are dropped at the next ``index`` or scan. Messages name packages by
+    their file name, never by a server path, and show at most 64 characters of a requested id.
+    ``index`` lists the directory (file-system I/O): call it off an event loop, like ``load``.
+    """
 
     def __init__(
         self,
@@ -63,10 +99,12 @@ class TaskStore:
         self.registry = registry
         self.mode = mode
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._errors: dict[str, str] = {}
-        self._signatures: dict[str, tuple[int, int]] = {}
-        self._failed_signatures: dict[str, tuple[int, int]] = {}
+        self._signatures: dict[str, Signature] = {}
+        self._failed_signatures: dict[str, Signature] = {}
+        self._loading: dict[str, bool] = {}  # task id -> cancelled, while its load runs
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -79,10 +117,10 @@ class TaskStore:
         check_task_id(task_id)
         path = (self.root / f"{task_id}{PACKAGE_SUFFIX}").resolve()
         if path.parent != self.root:
-            raise PackageError(f"task {task_id!r}: package resolves outside the task directory")
+            raise PackageError(f"task {shown(task_id)}: package resolves outside the task directory")
         if not path.is_file():
             raise TaskNotFoundError(
-                f"task {task_id!r}: no package {task_id}{PACKAGE_SUFFIX} in the task directory"
+                f"task {shown(task_id)}: no package {task_id}{PACKAGE_SUFFIX} in the task directory"
             )
         return path
 
@@ -91,37 +129,48 @@ class TaskStore:
         ids = []
         for path in self.root.glob(f"*{PACKAGE_SUFFIX}"):
             task_id = path.name[: -len(PACKAGE_SUFFIX)]
-            if TASK_ID_PATTERN.match(task_id):
+            if TASK_ID_PATTERN.fullmatch(task_id):
                 ids.append(task_id)
         return sorted(ids)
 
     def load(self, task_id: str) -> TaskEntry:
-        """Load or replace ``task_id`` from its package; a bad package leaves loaded tasks untouched."""
+        """Load or replace ``task_id`` from its package; a bad package leaves loaded tasks untouched.
+
+        Raises ``PackageError`` (invalid id, or a package that cannot be read, is corrupt or does not
+        fit), ``TaskNotFoundError``, ``TaskLoadCancelledError``, or what compiling raised (e.g.
+        ``MemoryError``); every failure but an invalid id or a missing file is kept for ``index``.
+        """
         started = time.perf_counter()
         try:
-            with self._lock:
-                path = self.path_for(task_id)
-                stat = path.stat()
-                package = load_package(path, self.backbone)
-                if package.task_id != task_id:
-                    raise PackageError(
-                        f"task package {path.name}: field 'task_id' is {package.task_id!r}, "
-                        f"which does not match the file name"
-                    )
-                if package.preprocess.input_size != self.backbone.spec.img_size:
-                    raise PackageError(
-                        f"task package {path.name}: field 'preprocess.input_size' "
-                        f"{package.preprocess.input_size} "
-                        f"differs from the backbone's image size {self.backbone.spec.img_size}"
-                    )
-                entry = self.registry.add(package)
-                self._signatures[task_id] = (stat.st_mtime_ns, stat.st_size)
-                self._errors.pop(task_id, None)
-        except (PackageError, TaskNotFoundError) as error:
-            self._errors[task_id] = str(error)
+            check_task_id(task_id)
+        except PackageError:
             self._count("failure")
-            log.warning("task load failed", extra={"task": task_id, "error": str(error)})
             raise
+        with self._load_lock:
+            with self._state_lock:
+                self._loading[task_id] = False
+            try:
+                entry, signature = self._read_and_add(task_id)
+            except BaseException as error:
+                with self._state_lock:
+                    del self._loading[task_id]
+                    if not isinstance(error, TaskNotFoundError):  # only names with a file are remembered
+                        self._errors[task_id] = _reason(error)
+                self._count("failure")
+                self._log_failure(task_id, error)
+                raise
+            with self._state_lock:
+                cancelled = self._loading.pop(task_id)
+                if not cancelled:
+                    self._signatures[task_id] = signature
+                    self._errors.pop(task_id, None)
+                    self._failed_signatures.pop(task_id, None)
+            if cancelled:
+                with contextlib.suppress(UnknownTaskError):  # the unload already removed it
+                    self.registry.remove(task_id)
+                self._count(None)
+                log.info("task load cancelled by an unload", extra={"task": task_id})
+                raise TaskLoadCancelledError(f"the load of task {shown(task_id)} was cancelled by an unload")
         seconds = time.perf_counter() - started
         self._count("success", seconds)
         log.info(
@@ -129,14 +178,60 @@ class TaskStore:
         )
         return entry
 
-    def unload(self, task_id: str) -> TaskEntry:
+    def _read_and_add(self, task_id: str) -> tuple[TaskEntry, Signature]:
+        path = self.path_for(task_id)
+        try:
+            signature = _signature(path)
+        except OSError as error:
+            raise PackageError(f"task package {path.name}: cannot be read ({error.strerror})") from error
+        package = load_package(path, self.backbone, name=path.name)
+        self._check_fits(package, path.name, task_id)
+        return self.registry.add(package), signature
+
+    def _check_fits(self, package: TaskPackage, file_name: str, task_id: str) -> None:
+        if package.task_id != task_id:
+            raise PackageError(
+                f"task package {file_name}: field 'task_id' is {package.task_id!r}, "
+                f"which does not match the file name"
+            )
+        if package.preprocess.input_size != self.backbone.spec.img_size:
+            raise PackageError(
+                f"task package {file_name}: field 'preprocess.input_size' {package.preprocess.input_size} "
+                f"differs from the backbone's image size {self.backbone.spec.img_size}"
+            )
+
+    def unload(self, task_id: str) -> TaskEntry | None:
+        """Unload ``task_id`` without waiting for a running load (see the class docstring).
+
+        Returns the removed entry, or ``None`` when only a running load was cancelled; raises
+        ``UnknownTaskError`` when the task is neither loaded nor loading.
+        """
         check_task_id(task_id)
-        with self._lock:
-            entry = self.registry.remove(task_id)
+        with self._state_lock:
+            cancelling = task_id in self._loading
+            if cancelling:
+                self._loading[task_id] = True
             self._signatures.pop(task_id, None)
+        try:
+            entry: TaskEntry | None = self.registry.remove(task_id)
+        except UnknownTaskError:
+            if not cancelling:
+                raise
+            entry = None
         self._count(None)
-        log.info("task unloaded", extra={"task": task_id, "version": entry.version})
+        log.info("task unloaded", extra={"task": task_id, "version": entry.version if entry else None})
         return entry
+
+    def failures(self) -> dict[str, str]:
+        """The last load failure of each task whose package file exists but did not load."""
+        with self._state_lock:
+            return dict(self._errors)
+
+    def _log_failure(self, task_id: str, error: BaseException) -> None:
+        if isinstance(error, PackageError | TaskNotFoundError):
+            log.warning("task load failed", extra={"task": task_id, "error": str(error)})
+        else:
+            log.error("task load failed unexpectedly", extra={"task": task_id}, exc_info=error)
 
     def _count(self, outcome: str | None, seconds: float | None = None) -> None:
         if self.metrics is None:
@@ -154,16 +249,21 @@ class TaskStore:
             )
 
     def start(self, load_tasks: list[str] | None = None, poll_seconds: float = 5.0) -> None:
-        """Initial loads for the mode (a bad package is logged and skipped), then polling if asked."""
+        """Initial loads for the mode, then polling if asked.
+
+        A package that fails is recorded and skipped, except one named in ``load_tasks`` in explicit
+        mode: the operator asked for that task, so its failure stops the start.
+        """
+        named = [t for t in load_tasks or [] if t != LOAD_ALL]
         if self.mode == "explicit":
-            wanted = self.available() if LOAD_ALL in (load_tasks or []) else list(load_tasks or [])
+            wanted = self.available() if LOAD_ALL in (load_tasks or []) else named
         else:
             wanted = self.available()
         for task_id in wanted:
             try:
                 self.load(task_id)
-            except (PackageError, TaskNotFoundError):
-                if self.mode == "explicit" and task_id in (load_tasks or []):
+            except Exception:
+                if self.mode == "explicit" and task_id in named:
                     raise
         self._count(None)
         if self.mode == "poll":
@@ -186,34 +286,58 @@ class TaskStore:
                 log.exception("task directory scan failed")
 
     def poll_once(self) -> None:
-        """Load new and changed packages, unload tasks whose package disappeared."""
+        """Load new and changed packages, unload tasks whose package disappeared; a bad file is skipped."""
         present = set(self.available())
+        self._forget_absent(present)
         for task_id in sorted(present):
             try:
-                stat = os.stat(self.root / f"{task_id}{PACKAGE_SUFFIX}")
-            except FileNotFoundError:
+                signature = _signature(self.root / f"{task_id}{PACKAGE_SUFFIX}")
+            except OSError:  # deleted meanwhile, or a dangling link
                 continue
-            signature = (stat.st_mtime_ns, stat.st_size)
-            # An unchanged file is not reloaded, nor retried if it failed.
-            if signature in (self._signatures.get(task_id), self._failed_signatures.get(task_id)):
+            with self._state_lock:
+                # An unchanged file is not reloaded, nor retried if it failed.
+                known = signature in (self._signatures.get(task_id), self._failed_signatures.get(task_id))
+            if known:
                 continue
             try:
                 self.load(task_id)
-            except (PackageError, TaskNotFoundError):
-                self._failed_signatures[task_id] = signature
+            except Exception:  # recorded and logged by load; the scan goes on
+                with self._state_lock:
+                    self._failed_signatures[task_id] = signature
         for task_id in sorted(set(self.registry.snapshot.tasks) - present):
             with contextlib.suppress(UnknownTaskError):  # unloaded meanwhile
                 self.unload(task_id)
 
+    def _forget_absent(self, present: set[str]) -> None:
+        """Drop the failure records of files no longer in the directory."""
+        with self._state_lock:
+            for records in (self._errors, self._failed_signatures):
+                for task_id in set(records) - present:
+                    del records[task_id]
+
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every package in the directory and every loaded task, with state and reason."""
         tasks = self.registry.snapshot.tasks
+        present = set(self.available())
+        self._forget_absent(present)
+        errors = self.failures()
         entries = []
-        for task_id in sorted(set(self.available()) | set(tasks)):
+        for task_id in sorted(present | set(tasks)):
             entry = tasks.get(task_id)
             if entry is not None:
                 entries.append(IndexEntry(task_id, str(entry.version), "READY", ""))
             elif not ready_only:
-                reason = self._errors.get(task_id, "not loaded")
-                entries.append(IndexEntry(task_id, "", "UNAVAILABLE", reason))
+                entries.append(IndexEntry(task_id, "", "UNAVAILABLE", errors.get(task_id, "not loaded")))
         return entries
+
+
+def _signature(path: Path) -> Signature:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _reason(error: BaseException) -> str:
+    """A failure as ``index`` shows it (package errors name files by their name, never by a path)."""
+    if isinstance(error, PackageError):
+        return str(error)
+    return f"load failed: {type(error).__name__}"
