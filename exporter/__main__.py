@@ -2,6 +2,7 @@
 
 import sys
 
-from exporter.cli import dispatch
+from exporter.cli import dispatch, exit_on_termination
 
+exit_on_termination()
 sys.exit(dispatch())

@@ -268,11 +268,11 @@ def infer_spec(
             f"{path}: the head count cannot be read from the checkpoint (it has no KV prompts and its "
             f"width {dim} / depth {depth} match no named architecture): pass --num-heads"
         )
-    name = arch or next((n for n, d in named.items() if d["num_heads"] == heads), None)
+    known_name = arch or next((n for n, d in named.items() if d["num_heads"] == heads), None)
     if heads <= 0 or dim % heads:
         raise ExportError(f"{path}: width {dim} is not divisible by {heads} heads")
-    name = name or f"vit_custom_d{dim}_l{depth}_h{heads}_p{patch}_{grid * patch}"
-    return BackboneSpec(dim, depth, heads, patch, grid * patch, mlp_ratio, name)
+    spec_name = known_name or f"vit_custom_d{dim}_l{depth}_h{heads}_p{patch}_{grid * patch}"
+    return BackboneSpec(dim, depth, heads, patch, grid * patch, mlp_ratio, spec_name)
 
 
 def _resolve_heads(path: Path, *sources: int | None) -> int | None:
@@ -452,9 +452,9 @@ def _apply_json_masks(
         )
         task.provenance["segment_mask_file"] = Path(segment_file).name
     if task.paper_state is not None:
-        for name, mask in ((keys.TOKEN_MASK, prompts.token_mask), (keys.SEGMENT_MASK, prompts.segment_mask)):
-            if mask is not None:
-                task.paper_state[name] = mask
+        for name, kept in ((keys.TOKEN_MASK, prompts.token_mask), (keys.SEGMENT_MASK, prompts.segment_mask)):
+            if kept is not None:
+                task.paper_state[name] = kept
 
 
 def _merge_mask(

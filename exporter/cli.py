@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from exporter.backbone import extract_backbone, resolve_backbone
 from exporter.checkpoint import ExportError, LoadedTask, read_checkpoint
 from exporter.validate import reference_state, validation_error
 from runtime.core.backbone import ARCHITECTURES, Backbone
+from runtime.core.files import remove_stale_temporaries
 from runtime.core.package import (
     PACKAGE_SUFFIX,
     RESIZE_POLICIES,
@@ -152,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for directory in sorted({output.parent for output in outputs}):
+        clean_stale_temporaries(directory)
     failed = 0
     progress = tqdm(
         list(zip(args.checkpoints, task_ids, outputs, strict=True)),
@@ -206,20 +210,20 @@ def export_task(
         )
     except (PackageError, ValueError) as error:
         raise ExportError(f"{checkpoint}: {error}") from error
-    error = validation_error(package, backbone, reference_state(task, backbone), args.validation_images)
-    if not error <= args.tolerance:
+    deviation = validation_error(package, backbone, reference_state(task, backbone), args.validation_images)
+    if not deviation <= args.tolerance:
         raise ExportError(
             f"{checkpoint}: validation failed: the packaged task differs from the checkpoint's reference "
-            f"forward by relative error {error:.3e} (tolerance {args.tolerance:.1e}); nothing written"
+            f"forward by relative error {deviation:.3e} (tolerance {args.tolerance:.1e}); nothing written"
         )
     package.provenance["validation"] = {
-        "relative_error": error,
+        "relative_error": deviation,
         "tolerance": args.tolerance,
         "images": args.validation_images,
         "reference": "paper forward of the checkpoint, fp32",
     }
     package.save(output)
-    return ExportResult(package=package, path=output, error=error)
+    return ExportResult(package=package, path=output, error=deviation)
 
 
 def _preprocess(task: LoadedTask, backbone: Backbone, args: argparse.Namespace) -> Preprocess:
@@ -304,6 +308,7 @@ def backbone_main(argv: Sequence[str] | None = None) -> int:
     args = build_backbone_parser().parse_args(argv)
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else Path.cwd() / f"{checkpoint.stem}-backbone.safetensors"
+    clean_stale_temporaries(output.parent)
     try:
         backbone = extract_backbone(checkpoint, output, num_heads=args.num_heads, arch=args.arch)
     except ExportError as error:
@@ -316,6 +321,17 @@ def backbone_main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"fingerprint {backbone.fingerprint}")
     return 0
+
+
+def clean_stale_temporaries(directory: Path) -> None:
+    """Remove what killed exports left in ``directory`` (an exporter killed mid-write cannot clean up)."""
+    for path in remove_stale_temporaries(directory):
+        print(f"removed a stale temporary file of an interrupted export: {path}", file=sys.stderr)
+
+
+def exit_on_termination() -> None:
+    """Make SIGTERM unwind like Ctrl-C: a write in progress then removes its temporary file."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def dispatch(argv: Sequence[str] | None = None) -> int:

@@ -6,18 +6,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from conftest import TINY
+from safetensors import safe_open
 
 from exporter.backbone import save_backbone
 from exporter.checkpoint import ExportError, read_checkpoint, write_native
 from exporter.cli import dispatch, main, task_id_from_path
 from exporter.validate import relative_error
 from runtime.core.backbone import Backbone
+from runtime.core.files import TEMP_SUFFIX
 from runtime.core.package import load_package
 from runtime.core.prompts import TaskPrompts
 from runtime.engines.torch_engine import Engine
@@ -429,3 +432,20 @@ def test_command_line(tiny_backbone, tmp_path):
         "--backbone",
     ):
         assert text in helped.stdout
+
+
+def test_export_removes_stale_temporaries_and_records_a_checksum(tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".old.safetensors.0123abcd{TEMP_SUFFIX}"  # left by an exporter killed an hour ago
+    fresh = out / f".other.safetensors.89abcdef{TEMP_SUFFIX}"  # another exporter writing right now
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    checkpoint = write_paper(tmp_path / "ckpt.pth", tiny_backbone, tiny_prompts(seed=21))
+    status, _, err = export([checkpoint, "-o", f"{out}/"], capsys)
+    assert status == 0 and f"removed a stale temporary file of an interrupted export: {stale}" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["ckpt.safetensors", fresh.name])
+    with safe_open(str(out / "ckpt.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["checksum"].startswith("sha256:")
+    assert load_package(out / "ckpt.safetensors").task_id == "ckpt"  # the checksum verifies
