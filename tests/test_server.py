@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -445,10 +444,10 @@ def test_health_and_metadata_answer_while_a_batch_computes(tiny_backbone, task_d
         )
         blocked.start()
         assert engine.started.wait(10)
-        began = time.perf_counter()
+        # The batch stays held until released below: answers within the client timeout are
+        # answers while it computes (no wall-clock bound of our own, which a busy machine breaks).
         assert triton.is_server_ready(client_timeout=2)
         assert triton.get_model_metadata("task-0", client_timeout=2).name == "task-0"
-        assert time.perf_counter() - began < 1.0
         assert not results, "the batch is still held"
         # A request whose deadline passes while it waits is dropped before compute.
         expect_error(
