@@ -140,7 +140,7 @@ def test_pixels_with_extreme_shapes_are_refused() -> None:
 def test_non_finite_or_huge_normalized_inputs_are_refused(value: float) -> None:
     images = torch.zeros(3, 3, 8, 8)
     images[1, 2, 3, 4] = value
-    with pytest.raises(InputError, match=r"input rows \[1\] contain NaN, Inf or values beyond"):
+    with pytest.raises(InputError, match=r"input rows \[1\] contain NaN or Inf, or values beyond"):
         check_normalized(images, 8)
     images[1, 2, 3, 4] = 9.0
     assert check_normalized(images, 8) is images

@@ -157,7 +157,7 @@ def check_normalized(images: Tensor, input_size: int) -> Tensor:
     if not bool(within.all()):
         bad = torch.nonzero(~within).flatten().tolist()
         raise InputError(
-            f"input rows {bad} contain NaN, Inf or values beyond ±{MAX_INPUT_MAGNITUDE:g} "
+            f"input rows {bad} contain NaN or Inf, or values beyond ±{MAX_INPUT_MAGNITUDE:g} "
             "(normalized pixels lie within a few units of zero)"
         )
     return images
