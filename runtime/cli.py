@@ -115,7 +115,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-dir", required=True, help="directory of <task id>.safetensors packages")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 disables")
+    parser.add_argument(
+        "--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: a free port, logged)"
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="serve no /metrics endpoint")
     parser.add_argument("--model-control-mode", choices=MODES, default="none")
     parser.add_argument(
         "--load-task", action="append", default=[], help="explicit mode: load at start ('*': all)"
@@ -132,6 +135,27 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--max-message-mb", type=int, default=64)
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=512,
+        help="inference requests admitted at once (decoding, queued, computing); beyond: UNAVAILABLE",
+    )
+    parser.add_argument(
+        "--max-preprocess-backlog",
+        type=int,
+        default=64,
+        help="requests waiting for or in decoding; beyond: UNAVAILABLE",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        help="gRPC calls of every kind at once (default: --max-inflight + 64); beyond: RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument("--max-streams-per-connection", type=int, default=128)
+    parser.add_argument(
+        "--idle-timeout-seconds", type=float, default=300.0, help="close connections idle this long"
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain for TLS on --port")
     parser.add_argument("--tls-key", help="PEM private key for TLS on --port")
 
@@ -152,7 +176,12 @@ def server_config(args: argparse.Namespace) -> Any:
         batching=args.batching,
         grace_seconds=args.grace_seconds,
         max_message_mb=args.max_message_mb,
-        metrics_port=args.metrics_port or None,
+        max_inflight=args.max_inflight,
+        max_preprocess_backlog=args.max_preprocess_backlog,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
+        idle_timeout_seconds=args.idle_timeout_seconds,
+        metrics_port=None if args.no_metrics else args.metrics_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         threads=args.threads,

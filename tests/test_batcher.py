@@ -1,13 +1,14 @@
-"""The dynamic batcher: mixed-task batches, limits, expiry, cancellation, unload mid-queue."""
+"""The dynamic batcher: mixed-task batches, limits, expiry, cancellation, held entries mid-queue."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
 
-from runtime.core.registry import TaskRegistry, UnknownTaskError
+from runtime.core.registry import TaskRegistry
 from runtime.engines.torch_engine import Engine
 from runtime.serving.batcher import (
     Batcher,
@@ -32,12 +33,31 @@ def images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def infer(batcher: Batcher, task_id: str, x: torch.Tensor, timeout: float | None = None):
+    """Queue ``x`` under the task's current entry, as the server does after resolving it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return batcher.infer(batcher.engine.registry.get(task_id), x, deadline)
+
+
 def run(batcher: Batcher, coroutine):
     batcher.start()
     try:
         return asyncio.run(coroutine)
     finally:
         batcher.stop(5)
+
+
+async def queued(batcher: Batcher, requests) -> list[asyncio.Future]:
+    """Start ``requests`` (``batcher.infer`` calls) and return once every one of them is queued.
+
+    ``infer`` queues before its first await, so one turn of the event loop, which runs each new task
+    up to that await, is enough; no waiting on the clock.
+    """
+    before = batcher.depth
+    pending = [asyncio.ensure_future(request) for request in requests]
+    await asyncio.sleep(0)
+    assert batcher.depth == before + len(pending)
+    return pending
 
 
 def test_requests_of_different_tasks_share_a_batch_and_match_direct_forward(engine, tiny_backbone):
@@ -47,7 +67,7 @@ def test_requests_of_different_tasks_share_a_batch_and_match_direct_forward(engi
     tasks = ["t0", "t1", "t2", "t0"]
 
     async def main():
-        return await asyncio.gather(*(batcher.infer(t, x) for t, x in zip(tasks, inputs, strict=True)))
+        return await asyncio.gather(*(infer(batcher, t, x) for t, x in zip(tasks, inputs, strict=True)))
 
     results = run(batcher, main())
     assert engine.batches == [["t0", "t1", "t1", "t2", "t0", "t0", "t0"]]
@@ -64,7 +84,9 @@ def test_per_task_batching_keeps_tasks_apart_in_arrival_order(engine, tiny_backb
     tasks = ["t0", "t1", "t0", "t2", "t1", "t0"]
 
     async def main():
-        return await asyncio.gather(*(batcher.infer(t, images(1, size, seed=i)) for i, t in enumerate(tasks)))
+        return await asyncio.gather(
+            *(infer(batcher, t, images(1, size, seed=i)) for i, t in enumerate(tasks))
+        )
 
     results = run(batcher, main())
     assert engine.batches == [["t0", "t0", "t0"], ["t1", "t1"], ["t2"]]
@@ -81,9 +103,9 @@ def test_batches_never_exceed_max_rows_nor_split_a_request(engine, tiny_backbone
     batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.2), ServerMetrics())
 
     async def main():
-        await asyncio.gather(*(batcher.infer("t1", images(n, size)) for n in (3, 2, 2, 1, 4)))
+        await asyncio.gather(*(infer(batcher, "t1", images(n, size)) for n in (3, 2, 2, 1, 4)))
         with pytest.raises(ValueError, match="exceeds max_batch_size 4"):
-            await batcher.infer("t1", images(5, size))
+            await infer(batcher, "t1", images(5, size))
 
     run(batcher, main())
     sizes = [len(batch) for batch in engine.batches]
@@ -97,15 +119,18 @@ def test_full_queue_rejects_at_once_and_expired_or_cancelled_requests_skip_compu
     engine.release.clear()
 
     async def main():
-        first = asyncio.ensure_future(batcher.infer("t0", images(1, size)))
+        first = asyncio.ensure_future(infer(batcher, "t0", images(1, size)))
         await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
-        expiring = asyncio.ensure_future(batcher.infer("t1", images(1, size), timeout=0.01))
-        cancelled = asyncio.ensure_future(batcher.infer("t2", images(1, size)))
-        await asyncio.sleep(0.05)
+        # Timeout 0: the deadline has passed whenever its batch forms, however fast that is.
+        expiring, cancelled = await queued(
+            batcher,
+            [infer(batcher, "t1", images(1, size), timeout=0.0), infer(batcher, "t2", images(1, size))],
+        )
         with pytest.raises(QueueFullError, match="queue is full"):
-            await batcher.infer("t0", images(1, size))
+            await infer(batcher, "t0", images(1, size))
         cancelled.cancel()
-        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
         engine.release.set()
         await first
         with pytest.raises(DeadlineExpiredError):
@@ -122,25 +147,34 @@ def test_full_queue_rejects_at_once_and_expired_or_cancelled_requests_skip_compu
     assert dropped == {"deadline": 1.0, "cancelled": 1.0}
 
 
-def test_task_unloaded_while_queued_fails_only_its_requests(engine, tiny_backbone):
+def test_held_entries_compute_with_their_version_after_unload_and_slot_pressure(engine, tiny_backbone):
+    """A request computes with the entry it was admitted under, even once its task is unloaded
+    and another task was loaded meanwhile (the held slot is not reused)."""
     size = tiny_backbone.spec.img_size
-    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_queue_delay=0.3), ServerMetrics())
+    registry = engine.registry
+    x = images(1, size, seed=3)
+    expected = torch.stack(engine.engine.forward(x, ["t1"]))
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_queue_delay=0), ServerMetrics())
+    engine.release.clear()
 
     async def main():
-        pending = [asyncio.ensure_future(batcher.infer(t, images(1, size))) for t in ("t0", "t1", "t2", "t1")]
-        await asyncio.sleep(0.05)
-        engine.registry.remove("t1")
-        return await asyncio.gather(*pending, return_exceptions=True)
+        blocker = asyncio.ensure_future(infer(batcher, "t0", x))
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        held = registry.hold("t1")
+        waiting = asyncio.ensure_future(batcher.infer(held, x))
+        registry.remove("t1")
+        for index in range(8):  # enough new tasks to need every free slot
+            registry.add(make_package(tiny_backbone, f"new{index}", seed=50 + index))
+        engine.release.set()
+        await blocker
+        result = await waiting
+        registry.release(held)
+        return held, result
 
-    results = run(batcher, main())
-    assert [type(r).__name__ for r in results] == [
-        "BatchResult",
-        "UnknownTaskError",
-        "BatchResult",
-        "UnknownTaskError",
-    ]
-    assert isinstance(results[1], UnknownTaskError)
-    assert engine.batches == [["t0", "t2"]]
+    held, result = run(batcher, main())
+    assert result.entry is held and "t1" not in registry
+    assert all(entry.slot != held.slot for entry in registry.snapshot.tasks.values())
+    assert torch.allclose(result.logits, expected, atol=1e-5)
 
 
 def test_stop_drains_queued_requests_then_refuses(engine, tiny_backbone):
@@ -149,13 +183,16 @@ def test_stop_drains_queued_requests_then_refuses(engine, tiny_backbone):
     batcher.start()
 
     async def main():
-        pending = [asyncio.ensure_future(batcher.infer("t0", images(1, size))) for _ in range(5)]
-        await asyncio.sleep(0.01)
+        engine.release.clear()  # hold the first batch so that all five are still queued at stop()
+        pending = [asyncio.ensure_future(infer(batcher, "t0", images(1, size)))]
+        await asyncio.get_running_loop().run_in_executor(None, engine.started.wait, 5)
+        pending += await queued(batcher, [infer(batcher, "t0", images(1, size)) for _ in range(4)])
         stopped = asyncio.get_running_loop().run_in_executor(None, batcher.stop, 10)
+        engine.release.set()
         results = await asyncio.gather(*pending)
         assert await stopped
         with pytest.raises(ShuttingDownError):
-            await batcher.infer("t0", images(1, size))
+            await infer(batcher, "t0", images(1, size))
         return results
 
     assert len(asyncio.run(main())) == 5
@@ -181,7 +218,7 @@ def test_batches_can_run_on_the_callers_thread(engine, tiny_backbone):
     def client():
         async def main():
             results = await asyncio.gather(
-                *(batcher.infer(f"t{i % 3}", images(1, size, i)) for i in range(6))
+                *(infer(batcher, f"t{i % 3}", images(1, size, i)) for i in range(6))
             )
             answers.extend(results)
             assert await asyncio.get_running_loop().run_in_executor(None, batcher.stop, 10)

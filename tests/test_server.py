@@ -232,7 +232,7 @@ def test_bad_inputs_fail_alone_and_server_keeps_serving(server, client, packages
     cases.append((grpc.StatusCode.INVALID_ARGUMENT, "image 0: image could not be decoded", "task-0", [junk]))
     nan = good.copy()
     nan[0, 1, 2, 3] = np.nan
-    cases.append((grpc.StatusCode.INVALID_ARGUMENT, "contain NaN or Inf", "task-0", [fp32_input(nan)]))
+    cases.append((grpc.StatusCode.INVALID_ARGUMENT, "contain NaN", "task-0", [fp32_input(nan)]))
     cases.append(
         (
             grpc.StatusCode.INVALID_ARGUMENT,

@@ -3,10 +3,10 @@
 The event loop submits validated, preprocessed requests into a bounded queue; one worker thread
 forms batches of up to ``max_batch_size`` rows (a request of N images is N rows and is never
 split), waiting at most ``max_queue_delay`` after the oldest request arrived, and runs each batch
-under ONE registry snapshot. Versions: a request names a task id; the entry (version) it runs on
-is the one in the snapshot its batch takes, so a task replaced or unloaded while a batch computes
-does not affect that batch. Requests whose task is gone by then fail alone with ``UnknownTaskError``;
-requests whose deadline passed or whose caller cancelled are dropped before compute.
+under ONE registry snapshot. Versions: a request arrives with the task entry it was admitted
+under (held with ``TaskRegistry.hold`` by the caller) and computes with that entry, so a task
+replaced or unloaded while the request waits does not change its answer. Requests whose deadline
+passed or whose caller cancelled are dropped before compute.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from runtime.core.registry import TaskEntry, UnknownTaskError
+from runtime.core.registry import TaskEntry
 from runtime.engines.base import InferenceEngine
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.threads import use_compute_threads
@@ -80,7 +80,7 @@ class BatchResult:
 
 @dataclass(eq=False)  # identity: the queue removes this very request
 class _Request:
-    task_id: str
+    entry: TaskEntry
     images: Tensor
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -90,6 +90,10 @@ class _Request:
     @property
     def rows(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def task_id(self) -> str:
+        return self.entry.task_id
 
 
 def _settle(future: asyncio.Future, result: BatchResult | None, error: BaseException | None) -> None:
@@ -133,15 +137,22 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, task_id: str, images: Tensor, timeout: float | None = None) -> BatchResult:
-        """Queue ``images [N, 3, S, S]`` for ``task_id`` and await its logits; never blocks the loop."""
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self.config.max_queue_size
+
+    async def infer(self, entry: TaskEntry, images: Tensor, deadline: float | None = None) -> BatchResult:
+        """Queue ``images [N, 3, S, S]`` to run under ``entry`` and await its logits; never blocks the loop.
+
+        ``entry`` must stay held (``TaskRegistry.hold``) until this returns; ``deadline`` is a
+        ``time.monotonic()`` instant.
+        """
         if images.shape[0] > self.config.max_batch_size:
             raise ValueError(
                 f"batch of {images.shape[0]} images exceeds max_batch_size {self.config.max_batch_size}"
             )
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        request = _Request(task_id, images, loop.create_future(), loop, deadline)
+        request = _Request(entry, images, loop.create_future(), loop, deadline)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
@@ -236,33 +247,25 @@ class Batcher:
         if not batch:
             return
         with self.engine.registry.acquire() as snapshot:
-            runnable = []
-            for request in batch:
-                if request.task_id in snapshot.tasks:
-                    runnable.append(request)
-                else:
-                    self._resolve(request, None, UnknownTaskError(request.task_id))
-            if not runnable:
-                return
             started = time.perf_counter_ns()
-            images = torch.cat([request.images for request in runnable])
-            task_ids = [request.task_id for request in runnable for _ in range(request.rows)]
+            images = torch.cat([request.images for request in batch])
+            entries = [request.entry for request in batch for _ in range(request.rows)]
             inputs_ready = time.perf_counter_ns()
-            logits = self.engine.forward_entries(snapshot, images, snapshot.entries(task_ids))
+            logits = self.engine.forward_entries(snapshot, images, entries)
             inferred = time.perf_counter_ns()
-            results = []
-            row = 0
-            for request in runnable:
-                rows = logits[row : row + request.rows]
-                row += request.rows
-                result = BatchResult(
-                    logits=torch.stack(rows),
-                    entry=snapshot.tasks[request.task_id],
-                    queue_ns=started - request.enqueued_ns,
-                    batch_rows=len(task_ids),
-                )
-                results.append((request, result))
-            finished = time.perf_counter_ns()
+        results = []
+        row = 0
+        for request in batch:
+            rows = logits[row : row + request.rows]
+            row += request.rows
+            result = BatchResult(
+                logits=torch.stack(rows),
+                entry=request.entry,
+                queue_ns=started - request.enqueued_ns,
+                batch_rows=len(entries),
+            )
+            results.append((request, result))
+        finished = time.perf_counter_ns()
         rows_by_task: dict[str, int] = {}
         queue_by_task: dict[str, list[int]] = {}
         for request, result in results:

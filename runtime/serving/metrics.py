@@ -6,6 +6,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -55,7 +56,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._tasks: dict[str, TaskStats] = defaultdict(TaskStats)
-        self._http = None
+        self._http: WSGIServer | None = None
         r = self.registry
         self.requests = Counter(
             "e2vpt_requests", "Inference requests by task and outcome", ["task", "outcome"], registry=r
@@ -81,9 +82,23 @@ class ServerMetrics:
             "e2vpt_batch_tasks", "Distinct tasks per batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.dropped = Counter(
-            "e2vpt_dropped_requests", "Requests dropped before compute", ["reason"], registry=r
+            "e2vpt_dropped_requests",
+            "Requests dropped before decoding or compute: deadline passed or caller cancelled",
+            ["reason"],
+            registry=r,
         )
         self.queue_depth = Gauge("e2vpt_queue_depth", "Requests waiting in the batch queue", registry=r)
+        self.inflight = Gauge(
+            "e2vpt_inflight_requests",
+            "Admitted requests not yet answered (decoding, queued, computing)",
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "e2vpt_preprocess_seconds",
+            "Time to validate and decode one request's input",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tasks_loaded = Gauge("e2vpt_tasks_loaded", "Tasks currently loaded", registry=r)
         self.task_loads = Counter(
             "e2vpt_task_loads", "Task load attempts by outcome", ["outcome"], registry=r
@@ -97,8 +112,9 @@ class ServerMetrics:
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` on ``port`` (0 picks a free one); returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return self._http.server_port
+        http, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http = http
+        return http.server_port
 
     def close(self) -> None:
         if self._http is not None:

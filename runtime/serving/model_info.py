@@ -1,0 +1,145 @@
+"""What the server says about a loaded task, as plain data: metadata, configuration, statistics.
+
+The gRPC servicer and an HTTP front end render these; the values are Triton's (datatypes,
+``FORMAT_*`` layouts, ``KIND_*`` instance kinds) so a client written for Triton reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.core.registry import TaskEntry
+from runtime.serving.metrics import TaskStats
+from runtime.serving.protocol import (
+    EXTENSIONS,
+    INPUTS,
+    OUTPUT_NAME,
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
+    input_dims,
+)
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str = SERVER_NAME
+    version: str = SERVER_VERSION
+    extensions: tuple[str, ...] = EXTENSIONS
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+@dataclass(frozen=True)
+class ConfigTensor:
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    layout: str = "FORMAT_NONE"
+    optional: bool = False
+    label_filename: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfiguration:
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[ConfigTensor, ...]
+    outputs: tuple[ConfigTensor, ...]
+    max_queue_delay_us: int
+    instance_kind: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    name: str
+    version: str
+    stats: TaskStats
+    memory_kind: str
+    memory_bytes: int
+
+
+def metadata_of(entry: TaskEntry) -> ModelMetadata:
+    size = entry.info.preprocess.input_size
+    return ModelMetadata(
+        name=entry.task_id,
+        versions=(str(entry.version),),
+        platform=PLATFORM,
+        inputs=tuple(
+            TensorMetadata(form.name, form.datatype, (-1, *input_dims(form.name, size)))
+            for form in INPUTS.values()
+        ),
+        outputs=(TensorMetadata(OUTPUT_NAME, "FP32", (-1, entry.num_classes)),),
+    )
+
+
+def configuration_of(
+    entry: TaskEntry, max_batch_size: int, max_queue_delay_us: int, device_type: str
+) -> ModelConfiguration:
+    info, pre = entry.info, entry.info.preprocess
+    parameters = {
+        "accepted_inputs": "exactly one of: image (BYTES, JPEG/PNG), pixels (UINT8 NHWC), "
+        "input (FP32 NCHW, normalized)",
+        "input_size": str(pre.input_size),
+        "mean": ",".join(map(str, pre.mean)),
+        "std": ",".join(map(str, pre.std)),
+        "resize": pre.resize,
+        "crop_pct": str(pre.crop_pct),
+        "interpolation": pre.interpolation,
+        "num_classes": str(entry.num_classes),
+        "labels": "yes" if info.labels else "no",
+        "backbone": info.backbone_spec.name,
+        "backbone_fingerprint": info.backbone_fingerprint,
+        "prefix_rows": str(entry.prefix_len),
+    }
+    return ModelConfiguration(
+        name=entry.task_id,
+        platform=PLATFORM,
+        backend="e2vpt",
+        max_batch_size=max_batch_size,
+        inputs=tuple(
+            ConfigTensor(
+                form.name,
+                form.datatype,
+                tuple(input_dims(form.name, pre.input_size)),
+                layout=form.layout,
+                optional=True,
+            )
+            for form in INPUTS.values()
+        ),
+        outputs=(
+            ConfigTensor(
+                OUTPUT_NAME, "FP32", (entry.num_classes,), label_filename="labels" if info.labels else ""
+            ),
+        ),
+        max_queue_delay_us=max_queue_delay_us,
+        instance_kind="KIND_GPU" if device_type == "cuda" else "KIND_CPU",
+        parameters=parameters,
+    )
+
+
+def statistics_of(entry: TaskEntry, stats: TaskStats) -> ModelStatistics:
+    return ModelStatistics(
+        name=entry.task_id,
+        version=str(entry.version),
+        stats=stats,
+        memory_kind="CPU" if entry.head_weight.device.type == "cpu" else "GPU",
+        memory_bytes=entry.nbytes,
+    )
