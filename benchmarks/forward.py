@@ -22,8 +22,10 @@ a 2-core CPU; ``--quick`` (ViT-Ti, batches 1 and 4) takes well under a minute.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +37,22 @@ from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
     benchmark_parser,
+    config_record,
     interleaved,
-    log2_axes,
     machine,
-    machine_markdown,
-    markdown_table,
     paired_ratios,
+    parse_config,
     print_machine,
-    save_figure,
     summarize,
-    verdict,
-    with_options,
-    write_results,
+    target,
 )
+from benchmarks.report import Panel, Report, Table, iqr_ms, publish
 from runtime.core.backbone import Backbone, BackboneSpec
 from runtime.core.package import TaskPackage
 from runtime.core.prompts import TaskPrompts
 from runtime.core.registry import TaskRegistry
 from runtime.demo import DEMO_SETTINGS, demo_prompts
+from runtime.engines.prefix_vit import PrefixViT
 from runtime.engines.torch_engine import Engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,17 +69,26 @@ def setting_name(index: int) -> str:
     return f"Np={prompts_n} T={kv_n}"
 
 
-class SequenceInsertion:
-    """The paper's forward as a competent user would run it: timm blocks over ``[CLS, prompts, patches]``.
+def plain_timm(backbone: Backbone) -> torch.nn.Module:
+    """A fresh timm ViT holding the backbone's weights: the floor, untouched by the runtime's attention."""
+    model = backbone.spec.build()
+    model.load_state_dict(backbone.model.state_dict())
+    return model.to(device=backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
 
-    Masks are multiplied in once, up front; every layer overwrites positions ``1..Np`` with its own
-    prompts (pruned tokens stay as zero vectors) and concatenates the key-value prompts onto the keys
-    and values of SDPA. Runs in the backbone's dtype; logits come out in fp32.
+
+class SequenceInsertion:
+    """The paper's forward as a competent user would run it: timm's forward over ``[CLS, prompts, patches]``.
+
+    Masks are multiplied in once, up front. Forward pre-hooks on timm's blocks put the prompts into
+    the sequence (block 0 inserts them after CLS, every later block overwrites positions ``1..Np``;
+    pruned tokens stay as zero vectors) and the shared prefix forward's binding concatenates the
+    key-value prompts onto every layer's keys and values for SDPA (no mask: one task per batch).
+    Runs in the backbone's dtype; logits come out in fp32.
     """
 
     def __init__(self, backbone: Backbone, prompts: TaskPrompts) -> None:
         dtype, device = backbone.dtype, backbone.device
-        self.model = backbone.model
+        self.vit = PrefixViT(backbone.model)
         self.prompts = prompts.masked_prompts().to(device=device, dtype=dtype)
         self.kv_key = prompts.kv_key.to(device=device, dtype=dtype)
         self.kv_value = prompts.values.to(device=device, dtype=dtype)
@@ -88,28 +97,42 @@ class SequenceInsertion:
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
-        model = self.model
-        x = model.patch_embed(images.to(device=self.prompts.device, dtype=self.prompts.dtype))
-        x = model.norm_pre(model._pos_embed(x))
-        batch, count = x.shape[0], self.prompts.shape[1]
-        x = torch.cat([x[:, :1], self.prompts[0].expand(batch, -1, -1), x[:, 1:]], dim=1)
-        for layer, block in enumerate(model.blocks):
-            if layer > 0:
-                x[:, 1 : 1 + count] = self.prompts[layer]
-            x = x + block.ls1(self._attention(block, layer, block.norm1(x)))
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        features = model.fc_norm(model.norm(x)[:, 0])
+        with self._prompts_in_sequence():
+            features = self.vit.features(
+                images.to(device=self.prompts.device, dtype=self.prompts.dtype), self._attend
+            )
         return F.linear(features.float(), self.head_weight, self.head_bias)
 
-    def _attention(self, block: torch.nn.Module, layer: int, x: Tensor) -> Tensor:
-        attn = block.attn
-        batch, tokens, dim = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        k = torch.cat([attn.k_norm(k), self.kv_key[layer].expand(batch, -1, -1, -1)], dim=2)
-        v = torch.cat([v, self.kv_value[layer].expand(batch, -1, -1, -1)], dim=2)
-        out = F.scaled_dot_product_attention(attn.q_norm(q), k, v)
-        return attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, tokens, dim)))
+    def _attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        batch = q.shape[0]
+        keys = torch.cat([k, self.kv_key[layer].expand(batch, -1, -1, -1)], dim=2)
+        values = torch.cat([v, self.kv_value[layer].expand(batch, -1, -1, -1)], dim=2)
+        return F.scaled_dot_product_attention(q, keys, values)
+
+    @contextmanager
+    def _prompts_in_sequence(self) -> Iterator[None]:
+        blocks = self.vit.model.blocks
+        handles = [
+            block.register_forward_pre_hook(partial(self._insert, layer))
+            for layer, block in enumerate(blocks)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _insert(
+        self, layer: int, block: torch.nn.Module, args: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...] | None:
+        (x,) = args
+        if layer == 0:
+            prompts = self.prompts[0].expand(x.shape[0], -1, -1)
+            return (torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1),)
+        x[:, 1 : 1 + self.prompts.shape[1]] = self.prompts[
+            layer
+        ]  # the previous block's output: ours to overwrite
+        return None
 
 
 @dataclass
@@ -146,7 +169,7 @@ class ForwardConfig:
             raise ValueError(f"mixed_tasks must be at least 1, got {self.mixed_tasks}")
 
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "output_dir": RESULTS_DIR / "quick",
     "backbone": "vit_tiny_patch16_224",
     "batch_sizes": (1, 4),
@@ -159,9 +182,10 @@ QUICK = {
 
 @dataclass
 class Stack:
-    """One dtype's models: backbone, per-setting paper models and engines, the mixed-task engine."""
+    """One dtype's models: backbone, plain timm, paper and single-task models per setting, mixed engine."""
 
     backbone: Backbone
+    plain: torch.nn.Module
     paper: dict[int, SequenceInsertion]
     single: dict[int, Engine]
     mixed: Engine
@@ -185,7 +209,7 @@ def build_stack(spec: BackboneSpec, dtype: torch.dtype, config: ForwardConfig) -
                 TaskPackage.from_prompts(f"task-{index}", demo_prompts(spec, index), backbone)
             ).task_id
         )
-    return Stack(backbone, paper, single, Engine(backbone, registry), ids)
+    return Stack(backbone, plain_timm(backbone), paper, single, Engine(backbone, registry), ids)
 
 
 def row_tasks(ids: Sequence[str], batch: int, seed: int) -> list[str]:
@@ -207,7 +231,7 @@ def variants_for(
     head_b = torch.zeros(10)
     variants: dict[str, Callable[[], object]] = {}
     for name, stack in stacks.items():
-        model = stack.backbone.model
+        model = stack.plain
         typed = images.to(stack.backbone.dtype)
         rows = row_tasks(stack.mixed_ids, batch, config.seed)
 
@@ -216,14 +240,11 @@ def variants_for(
                 return F.linear(model(typed).float(), head_w, head_b)
 
         variants[f"{PLAIN} {name}"] = plain
-        variants[f"ours mixed-{config.mixed_tasks} {name}"] = lambda e=stack.mixed, r=rows: e.forward(
-            images, r
-        )
+        variants[f"ours mixed-{config.mixed_tasks} {name}"] = partial(stack.mixed.forward, images, rows)
     for index in PAPER_SETTINGS:
-        variants[f"paper {setting_name(index)} fp32"] = lambda m=fp32.paper[index]: m(images)
-        engine = fp32.single[index]
+        variants[f"paper {setting_name(index)} fp32"] = partial(fp32.paper[index], images)
         ids = [f"task-{index}"] * batch
-        variants[f"ours {setting_name(index)} fp32"] = lambda e=engine, r=ids: e.forward(images, r)
+        variants[f"ours {setting_name(index)} fp32"] = partial(fp32.single[index].forward, images, ids)
     if onnx is not None:
         rows = row_tasks(fp32.mixed_ids, batch, config.seed)
         variants[f"onnxruntime mixed-{config.mixed_tasks} fp32"] = lambda: onnx.forward(images, rows)
@@ -297,7 +318,7 @@ def run(config: ForwardConfig) -> dict[str, Any]:
         )
     results: dict[str, Any] = {
         "benchmark": "forward",
-        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")},
+        "config": config_record(config),
         "backbone": spec.to_dict(),
         "machine": info,
         "cells": cells,
@@ -306,14 +327,7 @@ def run(config: ForwardConfig) -> dict[str, Any]:
     if "bf16" in stacks:
         results["bf16_agreement"] = bf16_agreement(stacks, config)
     results["targets"] = targets(results, spec, config)
-    print(render_markdown(results))
-    if config.output_dir is not None:
-        results["written"] = {
-            k: str(v)
-            for k, v in write_results(
-                "forward", results, render_markdown(results), plotter(results), config.output_dir
-            ).items()
-        }
+    results["written"] = publish(build_report(results), results, config.output_dir)
     return results
 
 
@@ -329,132 +343,109 @@ def targets(results: dict[str, Any], spec: BackboneSpec, config: ForwardConfig) 
     for batch in config.batch_sizes:
         ratio = _cell(results, batch, f"{mixed} fp32")["ratio_to_plain_fp32"]["median"]
         rows.append(
-            {
-                "target": f"mixed-task batch of {config.mixed_tasks} tasks / plain backbone, fp32",
-                "batch": batch,
-                "value": ratio,
-                "limit": f"<= {MIXED_TARGET}",
-                "status": verdict(ratio, MIXED_TARGET),
-            }
+            target(
+                f"mixed-task batch of {config.mixed_tasks} tasks / plain backbone, fp32",
+                ratio,
+                MIXED_TARGET,
+                batch=batch,
+            )
         )
         for index in PAPER_SETTINGS:
-            ours = _cell(results, batch, f"ours {setting_name(index)} fp32")["seconds"]["median"]
-            paper = _cell(results, batch, f"paper {setting_name(index)} fp32")["seconds"]["median"]
-            ours_samples = _cell(results, batch, f"ours {setting_name(index)} fp32")["samples"]
-            paper_samples = _cell(results, batch, f"paper {setting_name(index)} fp32")["samples"]
-            ratio = paired_ratios(ours_samples, paper_samples)["median"]
+            ours = _cell(results, batch, f"ours {setting_name(index)} fp32")
+            paper = _cell(results, batch, f"paper {setting_name(index)} fp32")
             prompts_n = DEMO_SETTINGS[index][0]
-            limit = tokens / (tokens + prompts_n)
             rows.append(
-                {
-                    "target": f"ours / paper insertion, {setting_name(index)} (token share saved "
+                target(
+                    f"ours / paper insertion, {setting_name(index)} (token share saved "
                     f"{prompts_n / (tokens + prompts_n):.1%})",
-                    "batch": batch,
-                    "value": ratio,
-                    "limit": f"<= {limit:.3f}",
-                    "status": verdict(ratio, limit),
-                    "medians_seconds": {"ours": ours, "paper": paper},
-                }
+                    paired_ratios(ours["samples"], paper["samples"])["median"],
+                    tokens / (tokens + prompts_n),
+                    batch=batch,
+                    medians_seconds={"ours": ours["seconds"]["median"], "paper": paper["seconds"]["median"]},
+                )
             )
         if "bf16" in config.dtypes:
             fp32_mixed = _cell(results, batch, f"{mixed} fp32")["samples"]
             bf16_mixed = _cell(results, batch, f"{mixed} bf16")["samples"]
-            speedup = paired_ratios(fp32_mixed, bf16_mixed)["median"]
             rows.append(
-                {
-                    "target": f"bf16 speedup over fp32 ({mixed})",
-                    "batch": batch,
-                    "value": speedup,
-                    "limit": f">= {BF16_SPEEDUP_TARGET}",
-                    "status": verdict(speedup, BF16_SPEEDUP_TARGET, smaller_is_better=False),
-                }
+                target(
+                    f"bf16 speedup over fp32 ({mixed})",
+                    paired_ratios(fp32_mixed, bf16_mixed)["median"],
+                    BF16_SPEEDUP_TARGET,
+                    smaller_is_better=False,
+                    batch=batch,
+                )
             )
     if "bf16_agreement" in results:
         agreement = results["bf16_agreement"]
         rows.append(
-            {
-                "target": f"bf16 top-1 agreement with fp32 (n={agreement['images']}, random weights)",
-                "batch": config.agreement_batch,
-                "value": agreement["top1_agreement"],
-                "limit": f">= {BF16_AGREEMENT_TARGET}",
-                "status": verdict(
-                    agreement["top1_agreement"], BF16_AGREEMENT_TARGET, smaller_is_better=False
-                ),
-            }
+            target(
+                f"bf16 top-1 agreement with fp32 (n={agreement['images']}, random weights)",
+                agreement["top1_agreement"],
+                BF16_AGREEMENT_TARGET,
+                smaller_is_better=False,
+                batch=config.agreement_batch,
+            )
         )
     return rows
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    spec = results["backbone"]
-    lines = [
-        f"# Forward benchmark: {spec['name']} (seeded random weights)",
-        "",
-        machine_markdown(results["machine"]),
-        "",
-        "Latency per batch (median, interquartile range, p95 over the interleaved rounds) and the per-round "
-        "ratio to the plain fp32 backbone of the same round.",
-        "",
-    ]
-    rows = []
-    for cell in results["cells"]:
-        s = cell["seconds"]
-        rows.append(
-            [
-                cell["batch"],
-                cell["variant"],
-                s["median"] * 1e3,
-                f"{s['p25'] * 1e3:.3g}-{s['p75'] * 1e3:.3g}",
-                s["p95"] * 1e3,
-                s["n"],
-                cell["images_per_second"],
-                cell["ratio_to_plain_fp32"]["median"],
-            ]
-        )
-    lines.append(
-        markdown_table(
-            ["batch", "variant", "p50 ms", "IQR ms", "p95 ms", "n", "images/s", "x plain fp32"], rows
-        )
+def build_report(results: dict[str, Any]) -> Report:
+    """The tables and plots of a run, from its results alone."""
+    latency = Table(
+        text="Latency per batch (median, interquartile range, p95 over the interleaved rounds) and the "
+        "per-round ratio to the plain fp32 backbone of the same round.",
+        rows=[
+            {
+                "batch": cell["batch"],
+                "variant": cell["variant"],
+                "p50 ms": cell["seconds"]["median"] * 1e3,
+                "IQR ms": iqr_ms(cell["seconds"]),
+                "p95 ms": cell["seconds"]["p95"] * 1e3,
+                "n": cell["seconds"]["n"],
+                "images/s": cell["images_per_second"],
+                "x plain fp32": cell["ratio_to_plain_fp32"]["median"],
+            }
+            for cell in results["cells"]
+        ],
     )
-    lines += ["", "## Targets", ""]
-    lines.append(
-        markdown_table(
-            ["target", "batch", "value", "limit", "status"],
-            [[t["target"], t["batch"], t["value"], t["limit"], t["status"]] for t in results["targets"]],
-        )
+    goals = Table(
+        title="Targets", rows=results["targets"], columns=("target", "batch", "value", "limit", "status")
     )
+    sections: list[Table | str] = [latency, goals]
     if "bf16_agreement" in results:
         a = results["bf16_agreement"]
-        lines += [
-            "",
+        sections.append(
             f"bf16 vs fp32 (mixed-task engine): top-1 agreement {a['top1_agreement']:.3f} over {a['images']} "
-            f"images, max relative logit error {a['max_relative_logit_error']:.3g}; {a['note']}.",
-        ]
-    return "\n".join(lines)
-
-
-def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        figure, (speed, ratio) = plt.subplots(1, 2, figsize=(13, 5))
-        names = list(dict.fromkeys(c["variant"] for c in results["cells"]))
-        for name in names:
-            cells = [c for c in results["cells"] if c["variant"] == name]
-            batches = [c["batch"] for c in cells]
-            style = "--" if name.endswith("bf16") else "-"
-            speed.plot(batches, [c["images_per_second"] for c in cells], style, marker="o", label=name)
-            ratio.plot(
-                batches, [c["ratio_to_plain_fp32"]["median"] for c in cells], style, marker="o", label=name
-            )
-        log2_axes([(speed, "images/s"), (ratio, "time / plain fp32 (per-round median)")], "batch size")
-        ratio.axhline(1.0, color="black", linewidth=0.8)
-        speed.legend(fontsize=7)
-        save_figure(
-            figure, path, f"forward, {results['backbone']['name']}, {results['machine']['cpu_model']}"
+            f"images, max relative logit error {a['max_relative_logit_error']:.3g}; {a['note']}."
         )
-
-    return plot
+    return Report(
+        name="forward",
+        title=f"Forward benchmark: {results['backbone']['name']} (seeded random weights)",
+        machine=results["machine"],
+        sections=sections,
+        panels=[
+            Panel(
+                latency.rows,
+                x="batch",
+                y=["images/s"],
+                series=["variant"],
+                xscale="log2",
+                dashed=lambda variant: variant.endswith("bf16"),
+            ),
+            Panel(
+                latency.rows,
+                x="batch",
+                y=["x plain fp32"],
+                series=["variant"],
+                xscale="log2",
+                ylabel="time / plain fp32 (per-round median)",
+                dashed=lambda variant: variant.endswith("bf16"),
+                reference=1.0,
+                legend=False,
+            ),
+        ],
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
@@ -480,9 +471,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
     parser.add_argument(
         "--threads", type=int, help="torch / onnxruntime intra-op threads (default: library's)"
     )
-    args = parser.parse_args(argv)
-    config = ForwardConfig(**QUICK) if args.quick else ForwardConfig()
-    return with_options(config, args)
+    return parse_config(parser, argv, defaults, QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

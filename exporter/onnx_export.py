@@ -27,7 +27,7 @@ from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, Backb
 from runtime.core.files import atomic_write
 from runtime.engines.onnx_graph import (
     DEFAULT_OPSET,
-    PrefixViT,
+    OnnxPrefixViT,
     export_model,
     fuse_transformer,
     operator_counts,
@@ -123,7 +123,7 @@ def validation_error(model: onnx.ModelProto, backbone: Backbone, threads: int | 
     values = torch.randn(prefix_shape, generator=generator)
     mask = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.0, float("-inf")]])
     with torch.inference_mode():
-        expected = PrefixViT(backbone.model)(pixels, keys, values, mask)
+        expected = OnnxPrefixViT(backbone.model)(pixels, keys, values, mask)
     session = ort.InferenceSession(
         model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
     )
@@ -160,11 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = export_model(backbone, opset=args.opset)
         if args.optimize:
             model = fuse_transformer(model, backbone)
-        error = validation_error(model, backbone, args.threads)
-        if not error <= VALIDATION_TOLERANCE:
+        deviation = validation_error(model, backbone, args.threads)
+        if not deviation <= VALIDATION_TOLERANCE:
             print(
-                f"error: exported graph differs from PyTorch by {error:.2e} (> {VALIDATION_TOLERANCE:.0e}); "
-                "nothing written",
+                f"error: exported graph differs from PyTorch by {deviation:.2e} "
+                f"(> {VALIDATION_TOLERANCE:.0e}); nothing written",
                 file=sys.stderr,
             )
             return 1
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {args.opset})")
     print(f"backbone {spec.name}: fingerprint {backbone.fingerprint} ({backbone.source})")
-    print(f"validation: max relative error vs PyTorch {error:.2e}")
+    print(f"validation: max relative error vs PyTorch {deviation:.2e}")
     print(f"fused operators in the file: {describe_counts(operator_counts(model))}")
     print(f"fused operators after ONNX Runtime CPU session optimization: {describe_counts(session_counts)}")
     if args.save_optimized:

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
-from runtime.core.registry import TaskRegistry
+from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.engines.attention import BACKENDS
-from runtime.engines.base import ENGINES, InferenceEngine, make_engine
 from runtime.serving.batcher import BATCHING_MODES
 from runtime.serving.task_store import MODES
 from runtime.serving.threads import use_compute_threads, use_one_thread
@@ -97,18 +96,9 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
             extra={"backbone": args.backbone, "seed": args.seed},
         )
     backbone.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    return engine_for(backbone, args.engine, args.onnx, args.threads, args.attention)
-
-
-def engine_for(
-    backbone: Backbone, name: str, onnx: str | None, threads: int | None, attention: str = "auto"
-) -> InferenceEngine:
-    """The engine; torch's intra-op threads are set by whoever computes (the batcher or ``classify``)."""
-    if name == "onnxruntime":
-        options: dict[str, Any] = {"onnx_path": onnx, "threads": threads}
-    else:
-        options = {"attention": attention}
-    return make_engine(name, backbone, TaskRegistry(backbone), **options)
+    return make_engine(
+        args.engine, backbone, attention=args.attention, onnx_path=args.onnx, threads=args.threads
+    )
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -263,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backbone = default_backbone()
         paths = write_demo_tasks(backbone, task_dir, args.tasks)
         print(f"wrote {len(paths)} demo task packages to {task_dir}")
-        engine = engine_for(backbone, "torch", None, args.threads)
+        engine = make_engine("torch", backbone)
         return run_demo(engine, task_dir, args.requests, args.threads)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from runtime.core.backbone import Backbone
 from runtime.core.registry import TaskRegistry
-from runtime.engines.base import make_engine
+from runtime.engines import make_engine
 from runtime.engines.onnx_graph import operator_counts
 from runtime.engines.onnxruntime_engine import OnnxEngine, OnnxEngineError, default_providers
 from runtime.engines.torch_engine import Engine

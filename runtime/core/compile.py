@@ -64,14 +64,15 @@ def project_keys_values(
     block: torch.nn.Module, tokens: Tensor, heads: int, head_dim: int
 ) -> tuple[Tensor, Tensor]:
     """``[n, D]`` tokens to fp32 keys and values ``[H, n, d]`` through a timm block's LN1 and qkv."""
-    norm, attn = block.norm1, block.attn
+    norm, qkv, k_norm = (block.get_submodule(name) for name in ("norm1", "attn.qkv", "attn.k_norm"))
+    if not isinstance(norm, torch.nn.LayerNorm) or not isinstance(qkv, torch.nn.Linear):
+        raise TypeError(f"expected a pre-LayerNorm block with a qkv Linear, got {type(norm).__name__}")
     dim = tokens.shape[-1]
     normed = F.layer_norm(tokens, (dim,), norm.weight.float(), norm.bias.float(), norm.eps)
-    weight, bias = attn.qkv.weight.float(), attn.qkv.bias
-    bias = bias.float() if bias is not None else torch.zeros(3 * dim, device=tokens.device)
+    weight = qkv.weight.float()
+    bias = qkv.bias.float() if qkv.bias is not None else torch.zeros(3 * dim, device=tokens.device)
     kv = F.linear(normed, weight[dim:], bias[dim:]).view(-1, 2, heads, head_dim).permute(1, 2, 0, 3)
     key, value = kv[0], kv[1]
-    k_norm = attn.k_norm
     if isinstance(k_norm, torch.nn.LayerNorm):
         key = F.layer_norm(key, (head_dim,), k_norm.weight.float(), k_norm.bias.float(), k_norm.eps)
     elif not isinstance(k_norm, torch.nn.Identity):

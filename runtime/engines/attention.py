@@ -1,11 +1,19 @@
-"""Attention backends for the engine: bind a snapshot's prefix tables to one batch, then attend per layer.
+"""Attention backends: one batch's prefix data bound once, then called by every layer.
 
-Each backend implements the contract of ``kernels.reference``: row ``b`` attends to its task's
-prefix (with bias, up to its length) and its own tokens under one softmax.
+Each backend returns a :data:`LayerAttention`, ``attend(layer, q, k, v) -> out`` with q, k, v and
+out ``[B, H, N, d]``, and implements the contract of :mod:`kernels.reference`: row ``b`` attends to
+its task's prefix (with bias, up to its length) and its own tokens under one softmax.
+
+* ``torch``: gathers the plan's prefix rows and runs SDPA over ``[prefix ; tokens]`` with an
+  additive mask (CPU default; on CUDA the fallback).
+* ``triton``: the fused kernel reads each row's prefix from the tables in place (CUDA default).
+* :func:`bind_rows`: each row's prefix handed in directly, as plain MatMul / Add / Softmax: the form
+  the ONNX graph exports (the prefixes are graph inputs, not tables).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -48,6 +56,28 @@ def bind_triton(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
             plan.prefix_len,
             plan.task_of_row,
         )
+
+    return attend
+
+
+def bind_rows(
+    prefix_keys: Tensor, prefix_values: Tensor, prefix_mask: Tensor, num_tokens: int, head_dim: int
+) -> LayerAttention:
+    """Each row's own prefix: keys/values ``[L, B, H, P, d]`` and an additive mask ``[B, P]``.
+
+    Written as explicit matmuls and a softmax (not SDPA) so that the exported graph has the
+    pattern ONNX Runtime folds into ``FusedMatMul``: a constant score scale (hence ``head_dim`` as
+    a Python number, not read from a traced shape) and the key transpose.
+    """
+    scale = 1.0 / math.sqrt(head_dim)
+    tokens = prefix_mask.new_zeros(prefix_mask.shape[0], num_tokens)
+    mask = torch.cat([prefix_mask, tokens], dim=1)[:, None, None, :]
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys = torch.cat([prefix_keys[layer], k], dim=2)
+        values = torch.cat([prefix_values[layer], v], dim=2)
+        logits = (q * scale) @ keys.transpose(-1, -2) + mask
+        return logits.softmax(dim=-1) @ values
 
     return attend
 

@@ -1,14 +1,14 @@
-"""What every engine shares, and engine selection by name.
+"""What every engine shares: per-row logits from a snapshot, the heads, warm-up.
 
 An engine turns pooled features into per-row logits the same way; engines differ only in how
-they compute the features of a mixed-task batch from a registry snapshot.
+they compute the features of a mixed-task batch from a registry snapshot. Engines are built by
+name with :func:`runtime.engines.make_engine`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,8 +17,6 @@ from runtime.core.backbone import Backbone
 from runtime.core.plan import PrefixPlan
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
 from runtime.engines.heads import apply_heads
-
-ENGINES = ("torch", "onnxruntime")
 
 
 class InferenceEngine(ABC):
@@ -30,6 +28,13 @@ class InferenceEngine(ABC):
     @abstractmethod
     def features(self, plan: PrefixPlan, images: Tensor) -> Tensor:
         """Final-norm CLS features ``[B, D]``; row ``b`` runs under the task in ``plan.task_of_row[b]``."""
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once before serving (kernels compile and tune, graphs capture).
+
+        Called at start and after task loads; engines with nothing to prepare do nothing.
+        """
+        return None
 
     @torch.inference_mode()
     def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
@@ -53,16 +58,3 @@ class InferenceEngine(ABC):
         if not entries:
             return []
         return apply_heads(self.features(PrefixPlan.build(snapshot, entries), images), entries)
-
-
-def make_engine(name: str, backbone: Backbone, registry: TaskRegistry, **options: Any) -> InferenceEngine:
-    """``torch`` (options: ``attention``) or ``onnxruntime`` (see ``OnnxEngine``)."""
-    if name == "torch":
-        from runtime.engines.torch_engine import Engine
-
-        return Engine(backbone, registry, **options)
-    if name == "onnxruntime":
-        from runtime.engines.onnxruntime_engine import OnnxEngine
-
-        return OnnxEngine(backbone, registry, **options)
-    raise ValueError(f"unknown engine {name!r}; choose from {ENGINES}")

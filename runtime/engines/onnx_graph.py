@@ -1,8 +1,9 @@
 """The exportable backbone graph: pixels and per-row prefix data in, pooled features out.
 
 Heads stay in the runtime; the prefix of each row is an input, so one graph serves every task.
-Attention is written as plain MatMul / Add / Softmax over ``[prefix ; tokens]`` so ONNX Runtime
-sees the same computation as ``runtime.engines.attention.bind_torch``.
+The graph is the traced :class:`~runtime.engines.prefix_vit.PrefixViT` forward, the same the torch
+engine runs, with the exportable backend (:func:`~runtime.engines.attention.bind_rows`): plain
+MatMul / Add / Softmax over ``[prefix ; tokens]``, the computation of ``bind_torch``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import warnings
 from collections import Counter
 
 import onnx
 import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from runtime.core.backbone import Backbone
+from runtime.engines.attention import bind_rows
+from runtime.engines.prefix_vit import PrefixViT
 
 FORMAT_NAME = "e2vpt-serve-backbone-onnx"
 FORMAT_VERSION = 1
@@ -49,47 +50,23 @@ DYNAMIC_AXES = {
 }
 
 
-class PrefixViT(nn.Module):
-    """A timm ViT whose every layer attends to ``[prefix of the row ; its own tokens]``.
+class OnnxPrefixViT(PrefixViT):
+    """The shared prefix forward with each row's prefix as graph inputs (:func:`bind_rows`).
 
     Inputs: ``pixels [B, 3, S, S]``, ``prefix_keys``/``prefix_values [L, B, H, P, d]``,
     ``prefix_mask [B, P]`` (additive: the prefix bias on valid slots, ``-inf`` on padding).
     Output: final-norm CLS features ``[B, D]``.
     """
 
-    def __init__(self, model: VisionTransformer) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(
         self, pixels: Tensor, prefix_keys: Tensor, prefix_values: Tensor, prefix_mask: Tensor
     ) -> Tensor:
-        model = self.model
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixels))))
-        tokens_mask = torch.zeros_like(x[:, :, 0])
-        mask = torch.cat([prefix_mask, tokens_mask], dim=1)[:, None, None, :]
-        for layer, block in enumerate(model.blocks):
-            attended = self._attention(block, block.norm1(x), prefix_keys[layer], prefix_values[layer], mask)
-            x = x + block.ls1(attended)
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        return model.fc_norm(model.norm(x)[:, 0])
-
-    @staticmethod
-    def _attention(block: nn.Module, x: Tensor, prefix_k: Tensor, prefix_v: Tensor, mask: Tensor) -> Tensor:
-        attn = block.attn
-        batch, tokens, dim = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        keys = torch.cat([prefix_k, k], dim=2)
-        values = torch.cat([prefix_v, v], dim=2)
-        logits = (q * (1.0 / math.sqrt(attn.head_dim))) @ keys.transpose(-1, -2) + mask
-        out = logits.softmax(dim=-1) @ values
-        return attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, tokens, dim)))
+        attend = bind_rows(prefix_keys, prefix_values, prefix_mask, self.num_tokens, self.head_dim)
+        return self.features(pixels, attend)
 
 
 def export_model(backbone: Backbone, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace ``PrefixViT`` (TorchScript exporter) with dynamic batch and prefix length, and stamp it."""
+    """Trace ``OnnxPrefixViT`` (TorchScript exporter) with dynamic batch and prefix length, and stamp it."""
     if backbone.dtype != torch.float32:
         raise ValueError(f"ONNX export needs the fp32 backbone, this one is {backbone.dtype}")
     model = backbone.model
@@ -117,9 +94,9 @@ def export_model(backbone: Backbone, opset: int = DEFAULT_OPSET) -> onnx.ModelPr
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            PrefixViT(model).eval(),
+            OnnxPrefixViT(model).eval(),
             example,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=DYNAMIC_AXES,

@@ -105,7 +105,7 @@ class OnnxEngine(InferenceEngine):
             raise OnnxEngineError(f"{self._name}: no such file")
         else:
             source = str(self.path)
-        temporary = None
+        temporary, target = None, None
         if save_optimized is not None:
             target = Path(save_optimized)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,8 @@ class OnnxEngine(InferenceEngine):
             os.close(fd)
         try:
             session = ort.InferenceSession(source, session_options(threads, temporary), providers=providers)
-            if temporary is not None:
-                os.replace(temporary, save_optimized)
+            if temporary is not None and target is not None:
+                os.replace(temporary, target)
         except Exception as error:  # onnxruntime raises its own types for unreadable or invalid models
             raise OnnxEngineError(f"{self._name}: not a readable ONNX model ({error})") from error
         finally:

@@ -1,15 +1,15 @@
-"""The PyTorch engine: every row runs the frozen timm blocks with its own task's prefix."""
+"""The PyTorch engine: timm's forward of the frozen backbone, every layer bound to the batch's prefix plan."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from runtime.core.backbone import Backbone
 from runtime.core.plan import PrefixPlan
 from runtime.core.registry import TaskRegistry
-from runtime.engines.attention import BINDERS, LayerAttention, resolve_backend
+from runtime.engines.attention import BINDERS, resolve_backend
 from runtime.engines.base import InferenceEngine
+from runtime.engines.prefix_vit import PrefixViT
 
 
 class Engine(InferenceEngine):
@@ -21,23 +21,9 @@ class Engine(InferenceEngine):
         self.backbone = backbone
         self.registry = registry if registry is not None else TaskRegistry(backbone)
         self.attention = resolve_backend(attention, backbone.device)
+        self.vit = PrefixViT(backbone.model)
 
     def features(self, plan: PrefixPlan, images: Tensor) -> Tensor:
         """Final-norm CLS features ``[B, D]`` in the backbone's dtype."""
-        model = self.backbone.model
-        x = model.patch_embed(images.to(device=self.backbone.device, dtype=self.backbone.dtype))
-        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-        attend = BINDERS[self.attention](plan, x.shape[1])
-        for layer, block in enumerate(model.blocks):
-            x = x + block.ls1(self._attention(block, layer, block.norm1(x), attend))
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        x = model.norm(x)
-        return model.fc_norm(x[:, 0])
-
-    def _attention(self, block: torch.nn.Module, layer: int, x: Tensor, attend: LayerAttention) -> Tensor:
-        attn = block.attn
-        batch, tokens, dim = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = attend(layer, attn.q_norm(q), attn.k_norm(k), v)
-        return attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, tokens, dim)))
+        images = images.to(device=self.backbone.device, dtype=self.backbone.dtype)
+        return self.vit.features(images, BINDERS[self.attention](plan, self.vit.num_tokens))
