@@ -1,4 +1,5 @@
-"""Shared pieces of the CPU benchmarks: machine description, interleaved timing, statistics, outputs.
+"""Shared pieces of the benchmarks: machine description, interleaved timing, statistics, targets, the
+command line and a served server's port and readiness. Reports are written by ``benchmarks.report``.
 
 Every benchmark compares variants by running them round-robin (one call of each per repetition), so a
 ratio between two variants is taken under the same machine conditions; absolute times on a shared
@@ -10,22 +11,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import math
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from runtime.core.backbone import ARCHITECTURES, BackboneSpec
-from runtime.core.files import atomic_write
 
-ConfigT = TypeVar("ConfigT")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -75,12 +79,14 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     for module, distribution in (
         ("timm", "timm"),
         ("onnxruntime", "onnxruntime"),
         ("grpc", "grpcio"),
         ("tritonclient", "tritonclient"),
+        ("triton", "triton"),
     ):
         try:
             info[module] = importlib.metadata.version(distribution)
@@ -90,8 +96,9 @@ def machine() -> dict[str, Any]:
 
 
 def print_machine(info: Mapping[str, Any]) -> None:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     print(
-        f"machine: {info['cpu_model']}, {info['usable_cores']} usable cores, "
+        f"machine: {info['cpu_model']}{gpu}, {info['usable_cores']} usable cores, "
         f"torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}), "
         f"OMP_NUM_THREADS={info['omp_num_threads']}, load average {info['load_average_at_start']}"
     )
@@ -178,55 +185,29 @@ def rss_bytes() -> int:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def verdict(value: float, limit: float, smaller_is_better: bool = True) -> str:
     met = value <= limit if smaller_is_better else value >= limit
     return "met" if met else "MISSED"
 
 
-def write_results(
-    name: str,
-    payload: dict[str, Any],
-    markdown: str,
-    plot: Callable[[Path], None] | None,
-    output_dir: Path = RESULTS_DIR,
-) -> dict[str, Path]:
-    """``<name>.json`` and ``<name>.md`` (atomically) and ``<name>.png`` when matplotlib is installed."""
-    output_dir = Path(output_dir)
-    paths = {
-        "json": atomic_write(
-            output_dir / f"{name}.json", lambda: (json.dumps(payload, indent=2, default=str) + "\n").encode()
-        ),
-        "md": atomic_write(output_dir / f"{name}.md", lambda: (markdown.rstrip() + "\n").encode()),
+def target(
+    name: str, value: float, limit: float, smaller_is_better: bool = True, **details: Any
+) -> dict[str, Any]:
+    """One row of a targets table: where ``value`` stands against the project's ``limit``."""
+    return {
+        "target": name,
+        **details,
+        "value": value,
+        "limit": f"{'<=' if smaller_is_better else '>='} {limit:.4g}",
+        "status": verdict(value, limit, smaller_is_better),
     }
-    if plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-        except ImportError:
-            print("matplotlib is not installed (pip install '.[bench]'): no plot written")
-            return paths
-        target = output_dir / f"{name}.png"
-        temporary = output_dir / f".{name}.tmp.png"
-        plot(temporary)
-        os.replace(temporary, target)
-        paths["png"] = target
-    return paths
 
 
 def benchmark_parser(name: str, description: str | None, quick_help: str) -> argparse.ArgumentParser:
-    """``python -m benchmarks.<name>``'s parser with the options every benchmark has."""
+    """``python -m benchmarks.<name>``'s parser with the options every benchmark has.
+
+    Options are named like the fields of the benchmark's config dataclass (see :func:`parse_config`).
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{name}",
         description=description,
@@ -234,20 +215,16 @@ def benchmark_parser(name: str, description: str | None, quick_help: str) -> arg
     )
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--output-dir", type=Path, help=f"default {RESULTS_DIR} (quick: its quick/ folder)")
+    parser.add_argument("--seed", type=int, help="seed of the random weights and inputs (default 0)")
     return parser
 
 
-def log2_axes(axes: Sequence[tuple[Any, str]], xlabel: str) -> None:
-    """Log-2 x axis, labels and a light grid on each ``(axis, ylabel)``."""
-    for axis, label in axes:
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-
-
-def with_options(config: ConfigT, args: argparse.Namespace) -> ConfigT:
-    """``config`` with every field the command line set (options are named like the fields)."""
+def parse_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, default: ConfigT, quick: Mapping[str, Any]
+) -> ConfigT:
+    """``default``, with ``quick``'s fields under --quick, then every option the command line gives."""
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(default, **quick) if args.quick else default
     given = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(config)
@@ -256,19 +233,47 @@ def with_options(config: ConfigT, args: argparse.Namespace) -> ConfigT:
     return dataclasses.replace(config, **given)
 
 
-def save_figure(figure: Any, path: Path, title: str) -> None:
-    """Title, lay out, write as PNG and release a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=110)
-    plt.close(figure)
+def config_record(config: DataclassInstance) -> dict[str, Any]:
+    """A config as the results record it: every field but test-only overrides and where files go."""
+    return {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")}
 
 
-def machine_markdown(info: Mapping[str, Any]) -> str:
-    return (
-        f"Machine: {info['cpu_model']}, {info['usable_cores']} usable cores, torch threads "
-        f"{info['torch_threads']}; torch {info['torch']}, onnxruntime {info['onnxruntime']}; "
-        f"load average at start {info['load_average_at_start']}."
-    )
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a server started next to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerExitedError(RuntimeError):
+    """The server process ended before it was ready."""
+
+
+def wait_until_ready(
+    address: str, process: subprocess.Popen[Any], timeout: float, task: str | None = None
+) -> None:
+    """Poll the KServe v2 server at ``address`` until it (and ``task``, when named) is ready.
+
+    Raises :class:`ServerExitedError` (with its stderr, when piped) if ``process`` ends first and
+    ``TimeoutError`` after ``timeout`` seconds.
+    """
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + timeout
+    with grpcclient.InferenceServerClient(address) as client:
+        while True:
+            if process.poll() is not None:
+                output = process.stderr.read() if process.stderr is not None else ""
+                text = output.decode(errors="replace") if isinstance(output, bytes) else output
+                raise ServerExitedError(
+                    f"server exited with {process.returncode} before it was ready\n{text}"
+                )
+            try:
+                if client.is_model_ready(task) if task else client.is_server_ready():
+                    return
+            except InferenceServerException:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server on {address} not ready after {timeout} s")
+            time.sleep(0.1)

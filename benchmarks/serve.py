@@ -24,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,20 +40,20 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
+    ServerExitedError,
     backbone_spec,
     benchmark_parser,
-    log2_axes,
+    config_record,
+    free_port,
     machine,
-    machine_markdown,
-    markdown_table,
+    parse_config,
     percentile,
     print_machine,
-    save_figure,
     summarize,
     verdict,
-    with_options,
-    write_results,
+    wait_until_ready,
 )
+from benchmarks.report import Panel, Report, Table, publish
 from runtime.core.backbone import Backbone, BackboneSpec
 from runtime.core.registry import TaskRegistry
 from runtime.demo import demo_package
@@ -115,7 +114,7 @@ class ServeConfig:
             raise ValueError("task counts and concurrency levels must be positive")
 
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "output_dir": RESULTS_DIR / "quick",
     "task_counts": (1, 8),
     "concurrency": (1, 8),
@@ -127,12 +126,6 @@ QUICK = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def popularity_weights(kind: str, count: int, exponent: float) -> list[float]:
     if kind == "uniform":
         return [1.0] * count
@@ -142,8 +135,6 @@ def popularity_weights(kind: str, count: int, exponent: float) -> list[float]:
 @contextmanager
 def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -> Iterator[str]:
     """``python -m runtime serve`` on a free loopback port; yields its address once it is ready."""
-    import tritonclient.grpc as grpcclient
-
     port = free_port()
     command = [
         sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve",
@@ -164,23 +155,11 @@ def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -
         process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             address = f"127.0.0.1:{port}"
-            deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-            client = grpcclient.InferenceServerClient(address)
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(
-                        f"server exited with {process.returncode}:\n{log.read().decode()[-3000:]}"
-                    )
-                try:
-                    if client.is_server_ready():
-                        break
-                except Exception:  # not listening yet: tritonclient raises its own exception type
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server on {address} not ready after {READY_TIMEOUT_SECONDS} s")
-                time.sleep(0.2)
-            client.close()
+            try:
+                wait_until_ready(address, process, READY_TIMEOUT_SECONDS)
+            except ServerExitedError as error:
+                log.seek(0)
+                raise RuntimeError(f"{error}{log.read().decode()[-3000:]}") from None
             yield address
         finally:
             process.terminate()
@@ -418,123 +397,88 @@ def run(config: ServeConfig) -> dict[str, Any]:
                     overhead = grpc_overhead(address, config, local, task_ids[0])
     results: dict[str, Any] = {
         "benchmark": "serve",
-        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")},
+        "config": config_record(config),
         "backbone": spec.to_dict(),
         "machine": info,
         "modes": {mode: asdict(MODES[mode]) for mode in config.modes},
         "cells": cells,
         "grpc_overhead": overhead,
     }
-    print(render_markdown(results))
-    if config.output_dir is not None:
-        written = write_results(
-            "serve", results, render_markdown(results), plotter(results), config.output_dir
-        )
-        results["written"] = {k: str(v) for k, v in written.items()}
+    results["written"] = publish(build_report(results), results, config.output_dir)
     return results
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def build_report(results: dict[str, Any]) -> Report:
+    """The tables and plots of a run, from its results alone."""
     config = results["config"]
-    lines = [
-        f"# Serving benchmark: {results['backbone']['name']} over gRPC on loopback (seeded random weights)",
-        "",
-        machine_markdown(results["machine"]),
-        "",
-        f"Server: {config['server']}; closed-loop async tritonclient clients, one 1-image FP32 `input` "
-        f"per request, up to {config['requests_per_cell']} requests or "
-        f"{config['seconds_per_cell']} s per cell; "
-        "the client shares the CPU with the server.",
-        "",
-    ]
-    lines += [
+    cells = Table(
+        text=f"Server: {config['server']}; closed-loop async tritonclient clients, one 1-image FP32 `input` "
+        f"per request, up to {config['requests_per_cell']} requests or {config['seconds_per_cell']} s per "
+        "cell; the client shares the CPU with the server.\n\n"
         "Modes: `mixed` = one batch may hold any tasks (ours); `per-task` = one task per batch (what a "
         "one-model-per-task server can batch); `none` = max batch size 1.",
-        "",
-    ]
-    rows = [
-        [
-            c["mode"],
-            c["tasks"],
-            c["popularity"],
-            c["concurrency"],
-            c.get("throughput_rps", 0.0),
-            c.get("p50_ms", "-"),
-            c.get("p95_ms", "-"),
-            c.get("p99_ms", "-"),
-            c["completed"],
-            c["errors"],
-        ]
-        for c in results["cells"]
-    ]
-    lines.append(
-        markdown_table(
-            [
-                "batching",
-                "tasks",
-                "popularity",
-                "concurrency",
-                "req/s",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "n",
-                "errors",
-            ],
-            rows,
-        )
+        rows=[
+            {
+                "batching": c["mode"],
+                "tasks": c["tasks"],
+                "popularity": c["popularity"],
+                "concurrency": c["concurrency"],
+                "req/s": c.get("throughput_rps", 0.0),
+                "p50 ms": c.get("p50_ms", "-"),
+                "p95 ms": c.get("p95_ms", "-"),
+                "p99 ms": c.get("p99_ms", "-"),
+                "n": c["completed"],
+                "errors": c["errors"],
+            }
+            for c in results["cells"]
+        ],
     )
+    sections: list[Table | str] = [cells]
     overhead = results["grpc_overhead"]
     if overhead is not None:
-        lines += [
-            "",
-            "## gRPC overhead at concurrency 1 (no batching, 1 image)",
-            "",
-            markdown_table(
-                ["in-process forward p50 ms", "round trip p50 ms", "overhead ms", "limit ms", "status"],
-                [
-                    [
-                        overhead["in_process_forward_ms"]["median"],
-                        overhead["round_trip_ms"]["median"],
-                        overhead["overhead_p50_ms"],
-                        overhead["limit_ms"],
-                        overhead["status"],
-                    ]
-                ],
-            ),
-        ]
-        inside = overhead["server_side_mean_ms"]
-        lines += [
-            "",
-            "Inside the server (mean per request, ms): "
-            + ", ".join(f"{name} {value:.3g}" for name, value in inside.items())
-            + ". The round trip minus the server's request time is the transport (client, gRPC, loopback).",
-        ]
-    return "\n".join(lines)
-
-
-def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        figure, (throughput, latency) = plt.subplots(1, 2, figsize=(13, 5))
-        series = {}
-        for cell in results["cells"]:
-            key = f"{cell['mode']} batching, {cell['tasks']} tasks {cell['popularity']}"
-            series.setdefault(key, []).append(cell)
-        for key, cells in series.items():
-            style = "-" if key.startswith("mixed") else ":"
-            x = [c["concurrency"] for c in cells]
-            throughput.plot(x, [c.get("throughput_rps", 0.0) for c in cells], style, marker="o", label=key)
-            latency.plot(x, [c.get("p99_ms", float("nan")) for c in cells], style, marker="o", label=key)
-        log2_axes([(throughput, "requests/s"), (latency, "p99 latency ms")], "client concurrency")
-        latency.set_yscale("log")
-        throughput.legend(fontsize=7)
-        save_figure(
-            figure, path, f"serve over gRPC, {results['backbone']['name']}, {results['machine']['cpu_model']}"
+        inside = ", ".join(f"{name} {value:.3g}" for name, value in overhead["server_side_mean_ms"].items())
+        row = {
+            "in-process forward p50 ms": overhead["in_process_forward_ms"]["median"],
+            "round trip p50 ms": overhead["round_trip_ms"]["median"],
+            "overhead ms": overhead["overhead_p50_ms"],
+            "limit ms": overhead["limit_ms"],
+            "status": overhead["status"],
+        }
+        note = (
+            f"Inside the server (mean per request, ms): {inside}. The round trip minus the server's "
+            "request time is the transport (client, gRPC, loopback)."
         )
-
-    return plot
+        sections.append(
+            Table(title="gRPC overhead at concurrency 1 (no batching, 1 image)", rows=[row], note=note)
+        )
+    series = ("batching", "tasks", "popularity")
+    return Report(
+        name="serve",
+        title=f"Serving benchmark: {results['backbone']['name']} over gRPC on loopback "
+        "(seeded random weights)",
+        machine=results["machine"],
+        sections=sections,
+        panels=[
+            Panel(
+                cells.rows,
+                x="concurrency",
+                y=["req/s"],
+                series=series,
+                xscale="log2",
+                dashed=lambda line: not line.startswith("batching mixed"),
+            ),
+            Panel(
+                cells.rows,
+                x="concurrency",
+                y=["p99 ms"],
+                series=series,
+                xscale="log2",
+                yscale="log",
+                dashed=lambda line: not line.startswith("batching mixed"),
+                legend=False,
+            ),
+        ],
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
@@ -553,9 +497,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeConfig:
     parser.add_argument(
         "--threads", type=int, help="intra-op threads of the server and the in-process engine"
     )
-    args = parser.parse_args(argv)
-    config = ServeConfig(**QUICK) if args.quick else ServeConfig()
-    return with_options(config, args)
+    return parse_config(parser, argv, defaults, QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

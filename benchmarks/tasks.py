@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,18 @@ from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
     benchmark_parser,
+    config_record,
     interleaved,
     machine,
-    machine_markdown,
-    markdown_table,
     paired_ratios,
+    parse_config,
     print_machine,
     rss_bytes,
-    save_figure,
     summarize,
+    target,
     verdict,
-    with_options,
-    write_results,
 )
+from benchmarks.report import Panel, Report, Table, iqr_ms, publish
 from runtime.core.backbone import Backbone, BackboneSpec
 from runtime.core.package import TaskPackage, load_package
 from runtime.core.registry import TaskRegistry
@@ -88,7 +88,7 @@ class TasksConfig:
             raise ValueError("batch and load_reps must be positive, model_copies non-negative")
 
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "output_dir": RESULTS_DIR / "quick",
     "backbone": "vit_tiny_patch16_224",
     "loaded_counts": (1, 10, 100),
@@ -195,7 +195,7 @@ def throughput(backbone: Backbone, config: TasksConfig, largest: TaskRegistry) -
     for count, registry in registries.items():
         rows = [f"task-{rng.randrange(count)}" for _ in range(config.batch)]
         engine = Engine(backbone, registry)
-        variants[f"{count} loaded"] = lambda e=engine, r=rows: e.forward(images, r)
+        variants[f"{count} loaded"] = partial(engine.forward, images, rows)
     samples = interleaved(variants, config.warmup, config.reps, config.max_reps, config.budget_seconds)
     base = samples[f"{min(config.loaded_counts)} loaded"]
     cells = []
@@ -313,7 +313,7 @@ def run(config: TasksConfig) -> dict[str, Any]:
     )
     results: dict[str, Any] = {
         "benchmark": "tasks",
-        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")},
+        "config": config_record(config),
         "backbone": spec.to_dict(),
         "machine": info,
         "memory": memory,
@@ -322,12 +322,7 @@ def run(config: TasksConfig) -> dict[str, Any]:
         "model_per_task": model_per_task(backbone, config, memory),
     }
     results["targets"] = targets(results)
-    print(render_markdown(results))
-    if config.output_dir is not None:
-        written = write_results(
-            "tasks", results, render_markdown(results), plotter(results), config.output_dir
-        )
-        results["written"] = {k: str(v) for k, v in written.items()}
+    results["written"] = publish(build_report(results), results, config.output_dir)
     return results
 
 
@@ -335,164 +330,125 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     cells = results["throughput"]["cells"]
     most = max(cells, key=lambda c: c["loaded"])
     fewest = min(cells, key=lambda c: c["loaded"])
-    share = 1 / most["time_ratio_to_fewest"]["median"]
     memory = results["memory"]
-    task_ratio = memory["registry_bytes_over_package_bytes"]["median"]
-    hot = results["load_latency"]["add"]["median"]
     return [
-        {
-            "target": f"throughput with {most['loaded']} tasks / with {fewest['loaded']}",
-            "value": share,
-            "limit": f">= {THROUGHPUT_TARGET}",
-            "status": verdict(share, THROUGHPUT_TARGET, smaller_is_better=False),
-        },
-        {
-            "target": "task bytes in the registry / package tensor bytes (median task)",
-            "value": task_ratio,
-            "limit": f"<= {MEMORY_TARGET}",
-            "status": verdict(task_ratio, MEMORY_TARGET),
-        },
-        {
-            "target": "resident memory growth per task / package tensor bytes",
-            "value": memory["rss_over_package_bytes"],
-            "limit": f"<= {MEMORY_TARGET}",
-            "status": verdict(memory["rss_over_package_bytes"], MEMORY_TARGET),
-        },
-        {
-            "target": "one-task hot load p50 (ms)",
-            "value": hot,
-            "limit": f"<= {HOT_LOAD_TARGET_MS}",
-            "status": verdict(hot, HOT_LOAD_TARGET_MS),
-        },
+        target(
+            f"throughput with {most['loaded']} tasks / with {fewest['loaded']}",
+            1 / most["time_ratio_to_fewest"]["median"],
+            THROUGHPUT_TARGET,
+            smaller_is_better=False,
+        ),
+        target(
+            "task bytes in the registry / package tensor bytes (median task)",
+            memory["registry_bytes_over_package_bytes"]["median"],
+            MEMORY_TARGET,
+        ),
+        target(
+            "resident memory growth per task / package tensor bytes",
+            memory["rss_over_package_bytes"],
+            MEMORY_TARGET,
+        ),
+        target("one-task hot load p50 (ms)", results["load_latency"]["add"]["median"], HOT_LOAD_TARGET_MS),
     ]
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def build_report(results: dict[str, Any]) -> Report:
+    """The tables and plots of a run, from its results alone."""
     memory, latency, per_task = results["memory"], results["load_latency"], results["model_per_task"]
-    lines = [
-        f"# Task scale benchmark: {results['backbone']['name']} (seeded random weights), fp32",
-        "",
-        machine_markdown(results["machine"]),
-        "",
-        f"## Throughput by loaded tasks (mixed batch of {results['throughput']['batch']} rows "
-        "from the loaded tasks)",
-        "",
-        markdown_table(
-            ["tasks loaded", "longest prefix", "p50 ms", "IQR ms", "n", "images/s", "time x fewest"],
-            [
-                [
-                    c["loaded"],
-                    c["longest_prefix"],
-                    c["seconds"]["median"] * 1e3,
-                    f"{c['seconds']['p25'] * 1e3:.3g}-{c['seconds']['p75'] * 1e3:.3g}",
-                    c["seconds"]["n"],
-                    c["images_per_second"],
-                    c["time_ratio_to_fewest"]["median"],
-                ]
-                for c in results["throughput"]["cells"]
-            ],
-        ),
-        "",
-        f"## Memory of {memory['tasks']} loaded tasks",
-        "",
-        markdown_table(
-            ["setting (Np, T, pruned)", "KV shared", "package bytes", "registry bytes", "ratio"],
-            [
-                [
-                    f"({s['prompts']}, {s['kv_prompts']}, {s['pruned_tokens']})",
-                    s["kv_shared"],
-                    s["package_tensor_bytes"],
-                    s["registry_bytes"],
-                    s["ratio"],
-                ]
-                for s in memory["by_setting"]
-            ],
-        ),
-        "",
-        f"All {memory['tasks']} tasks: package tensors {memory['package_tensor_bytes_total'] / MIB:.1f} MiB, "
-        f"registry task bytes {memory['registry_task_bytes_total'] / MIB:.1f} MiB, tables allocated "
+    batch = results["throughput"]["batch"]
+    throughput = Table(
+        title=f"Throughput by loaded tasks (mixed batch of {batch} rows from the loaded tasks)",
+        rows=[
+            {
+                "tasks loaded": c["loaded"],
+                "longest prefix": c["longest_prefix"],
+                "p50 ms": c["seconds"]["median"] * 1e3,
+                "IQR ms": iqr_ms(c["seconds"]),
+                "n": c["seconds"]["n"],
+                "images/s": c["images_per_second"],
+                "time x fewest": c["time_ratio_to_fewest"]["median"],
+            }
+            for c in results["throughput"]["cells"]
+        ],
+    )
+    settings = Table(
+        title=f"Memory of {memory['tasks']} loaded tasks",
+        rows=[
+            {
+                "setting (Np, T, pruned)": f"({s['prompts']}, {s['kv_prompts']}, {s['pruned_tokens']})",
+                "KV shared": s["kv_shared"],
+                "package bytes": s["package_tensor_bytes"],
+                "registry bytes": s["registry_bytes"],
+                "ratio": s["ratio"],
+            }
+            for s in memory["by_setting"]
+        ],
+        note=f"All {memory['tasks']} tasks: package tensors "
+        f"{memory['package_tensor_bytes_total'] / MIB:.1f} MiB, registry task bytes "
+        f"{memory['registry_task_bytes_total'] / MIB:.1f} MiB, tables allocated "
         f"{memory['registry_tables_allocated_bytes'] / MIB:.1f} MiB, resident memory growth "
         f"{memory['rss_growth_bytes'] / MIB:.1f} MiB "
         f"({memory['rss_over_package_bytes']:.2f}x the package bytes).",
-        "",
-        "## Loading one task (registry of 10, ms)",
-        "",
-        markdown_table(
-            ["step", "p50", "p95", "max", "n"],
-            [
-                [
-                    name,
-                    latency[name]["median"],
-                    latency[name]["p95"],
-                    latency[name]["max"],
-                    latency[name]["n"],
-                ]
-                for name in ("load_package", "add", "replace")
-            ],
-        ),
-        "",
-        "## One model per task vs ours",
-        "",
-        f"A full backbone is {per_task['backbone_weight_bytes'] / MIB:.1f} MiB of weights"
-        + (
-            "; measured resident growth per deep copy: "
-            f"{per_task['measured_rss_per_copy_bytes'] / MIB:.1f} MiB "
-            f"({per_task['copies_measured']} copies)."
-            if per_task["measured_rss_per_copy_bytes"] is not None
-            else "."
-        ),
-        "",
-        markdown_table(
-            ["tasks", "one model per task MiB", "ours MiB", "ratio"],
-            [
-                [r["tasks"], r["one_model_per_task_bytes"] / MIB, r["ours_bytes"] / MIB, r["ratio"]]
-                for r in per_task["by_count"]
-            ],
-        ),
-        "",
-        "## Targets",
-        "",
-        markdown_table(
-            ["target", "value", "limit", "status"],
-            [[t["target"], t["value"], t["limit"], t["status"]] for t in results["targets"]],
-        ),
-    ]
-    return "\n".join(lines)
-
-
-def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        figure, (speed, memory) = plt.subplots(1, 2, figsize=(12, 5))
-        cells = results["throughput"]["cells"]
-        speed.plot([c["loaded"] for c in cells], [c["images_per_second"] for c in cells], marker="o")
-        speed.set_xscale("log")
-        speed.set_xlabel("tasks loaded")
-        speed.set_ylabel(f"images/s (mixed batch of {results['throughput']['batch']})")
-        speed.set_ylim(bottom=0)
-        rows = results["model_per_task"]["by_count"]
-        counts = [r["tasks"] for r in rows]
-        memory.plot(
-            counts,
-            [r["one_model_per_task_bytes"] / MIB for r in rows],
-            marker="o",
-            label="one model per task",
-        )
-        memory.plot(
-            counts, [r["ours_bytes"] / MIB for r in rows], marker="o", label="ours (one backbone + tasks)"
-        )
-        memory.set_xscale("log")
-        memory.set_yscale("log")
-        memory.set_xlabel("tasks")
-        memory.set_ylabel("MiB")
-        memory.legend()
-        for axis in (speed, memory):
-            axis.grid(alpha=0.3)
-        backbone, cpu = results["backbone"]["name"], results["machine"]["cpu_model"]
-        save_figure(figure, path, f"tasks, {backbone}, {cpu}")
-
-    return plot
+    )
+    loading = Table(
+        title="Loading one task (registry of 10, ms)",
+        rows=[
+            {
+                "step": step,
+                "p50": latency[step]["median"],
+                "p95": latency[step]["p95"],
+                "max": latency[step]["max"],
+                "n": latency[step]["n"],
+            }
+            for step in ("load_package", "add", "replace")
+        ],
+    )
+    copy_bytes = per_task["measured_rss_per_copy_bytes"]
+    measured = (
+        f"; measured resident growth per deep copy: {copy_bytes / MIB:.1f} MiB "
+        f"({per_task['copies_measured']} copies)."
+        if copy_bytes is not None
+        else "."
+    )
+    memory_by_count = Table(
+        title="One model per task vs ours",
+        text=f"A full backbone is {per_task['backbone_weight_bytes'] / MIB:.1f} MiB of weights{measured}",
+        rows=[
+            {
+                "tasks": r["tasks"],
+                "one model per task MiB": r["one_model_per_task_bytes"] / MIB,
+                "ours MiB": r["ours_bytes"] / MIB,
+                "ratio": r["ratio"],
+            }
+            for r in per_task["by_count"]
+        ],
+    )
+    goals = Table(title="Targets", rows=results["targets"], columns=("target", "value", "limit", "status"))
+    return Report(
+        name="tasks",
+        title=f"Task scale benchmark: {results['backbone']['name']} (seeded random weights), fp32",
+        machine=results["machine"],
+        sections=[throughput, settings, loading, memory_by_count, goals],
+        panels=[
+            Panel(
+                throughput.rows,
+                x="tasks loaded",
+                y=["images/s"],
+                xscale="log",
+                ylabel=f"images/s (mixed batch of {batch})",
+                ymin=0,
+                legend=False,
+            ),
+            Panel(
+                memory_by_count.rows,
+                x="tasks",
+                y=["one model per task MiB", "ours MiB"],
+                xscale="log",
+                yscale="log",
+                ylabel="MiB",
+            ),
+        ],
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
@@ -514,9 +470,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TasksConfig:
         "--model-copies", type=int, help=f"backbone copies measured ({defaults.model_copies})"
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
-    config = TasksConfig(**QUICK) if args.quick else TasksConfig()
-    return with_options(config, args)
+    return parse_config(parser, argv, defaults, QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
