@@ -2,7 +2,7 @@
 
 Every layer below raises its own exception types; ``as_serving_error`` is the one place that maps
 them to statuses, so gRPC and an HTTP front end answer the same case the same way. Messages never
-carry server paths nor client-chosen names longer than ``NAME_LIMIT`` characters (an 8 KB name
+carry server paths nor client-chosen names longer than 64 characters (``shown``) (an 8 KB name
 echoed into a gRPC status is refused by the transport, and the client saw "Stream removed").
 """
 
@@ -13,15 +13,15 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from runtime.core.files import shown
 from runtime.core.package import PackageError
 from runtime.core.registry import UnknownTaskError
 from runtime.serving.batcher import DeadlineExpiredError, QueueFullError, ShuttingDownError
 from runtime.serving.preprocess import InputError
-from runtime.serving.task_store import ModelControlError, TaskNotFoundError
+from runtime.serving.task_store import ModelControlError, TaskLoadCancelledError, TaskNotFoundError
 
 log = logging.getLogger("e2vpt.server")
 
-NAME_LIMIT = 64
 MESSAGE_LIMIT = 1024
 
 
@@ -34,6 +34,7 @@ class Status(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
+    ABORTED = "ABORTED"
     INTERNAL = "INTERNAL"
 
 
@@ -44,13 +45,6 @@ class ServingError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message[:MESSAGE_LIMIT]
-
-
-def shown(name: str) -> str:
-    """``name`` quoted for a message, cut to ``NAME_LIMIT`` characters."""
-    if len(name) <= NAME_LIMIT:
-        return repr(name)
-    return f"{name[:NAME_LIMIT]!r}... ({len(name)} characters)"
 
 
 def without_paths(message: str, paths: Iterable[str | Path]) -> str:
@@ -90,4 +84,6 @@ def _status_of(error: BaseException) -> Status:
         return Status.DEADLINE_EXCEEDED
     if isinstance(error, MemoryError):
         return Status.RESOURCE_EXHAUSTED
+    if isinstance(error, TaskLoadCancelledError):  # an unload of the same task won the race
+        return Status.ABORTED
     return Status.INTERNAL

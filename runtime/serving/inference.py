@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime.core.files import shown
 from runtime.core.package import PackageError, Preprocess
 from runtime.core.registry import TaskEntry, TaskRegistry, UnknownTaskError
 from runtime.serving.admission import Admission, BoundedPool
 from runtime.serving.batcher import Batcher
-from runtime.serving.errors import ServingError, Status, as_serving_error, shown, without_paths
+from runtime.serving.errors import ServingError, Status, as_serving_error, without_paths
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.model_info import (
     ModelConfiguration,
@@ -57,6 +58,8 @@ from runtime.serving.task_store import IndexEntry, TaskStore
 
 # Client-chosen names of tasks that are not loaded share one metric label: bounded cardinality.
 UNKNOWN_TASK_LABEL = "_unknown"
+# gRPC's deadline timer may cancel a call a hair before our monotonic copy of the same instant.
+DEADLINE_SLACK_SECONDS = 0.005
 # Load parameters tritonclient sends that mean nothing here (tasks have no dependents).
 IGNORED_LOAD_PARAMETERS = frozenset({"unload_dependents"})
 
@@ -222,8 +225,7 @@ class InferenceService:
                     self.registry.release(entry)
             outputs = encode_outputs(result.logits, admitted.outputs, entry.info.labels)
         except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline
-            status = Status.DEADLINE_EXCEEDED if expired else Status.CANCELLED
+            status = Status.DEADLINE_EXCEEDED if _expired(deadline) else Status.CANCELLED
             self.metrics.record_failure(label, status.name, time.perf_counter() - started)
             raise
         except Exception as error:
@@ -258,7 +260,7 @@ class InferenceService:
         self, request: InferRequest, deadline: float | None, abandoned: threading.Event
     ) -> _Admitted:
         """On a decoding worker: skip a request nobody waits for, else hold its task and decode."""
-        if abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline):
+        if abandoned.is_set() or _expired(deadline):
             expired = self._count_dropped(deadline)
             if expired:
                 raise ServingError(Status.DEADLINE_EXCEEDED, "deadline passed before the input was decoded")
@@ -303,6 +305,10 @@ class InferenceService:
 
     def _count_dropped(self, deadline: float | None) -> bool:
         """Count a request dropped before decoding; True if it was its deadline (else a cancel)."""
-        expired = deadline is not None and time.monotonic() >= deadline
+        expired = _expired(deadline)
         self.metrics.dropped.labels("deadline" if expired else "cancelled").inc()
         return expired
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_SECONDS

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from runtime.serving.errors import shown
+from runtime.core.files import shown
 from runtime.serving.preprocess import InputError
 
 SERVER_NAME = "e2vpt-serve"

@@ -41,6 +41,7 @@ CONTROL_RPC_HEADROOM = 64
 # Server-side keepalive: a peer that stops answering pings is dropped after about 80 s.
 KEEPALIVE_SECONDS = 60
 KEEPALIVE_TIMEOUT_SECONDS = 20
+LOADER_THREADS = 4
 
 # Per-file reflection needs the health service's descriptors in the stubs' pool too.
 for _file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
@@ -137,9 +138,10 @@ class InferenceServer:
         self.preprocess_pool = BoundedPool(
             "preprocess", config.preprocess_threads, config.max_preprocess_backlog
         )
-        # Loads and unloads run one at a time, off the event loop and off the batcher's cores.
+        # Loads and unloads run off the event loop and off the batcher's cores. The store serializes
+        # loads itself; more than one thread lets an unload pass a slow load.
         self.loader_pool = ThreadPoolExecutor(
-            1, thread_name_prefix="e2vpt-loader", initializer=use_one_thread
+            LOADER_THREADS, thread_name_prefix="e2vpt-loader", initializer=use_one_thread
         )
         self.readiness = threading.Event()
         self.service = InferenceService(
