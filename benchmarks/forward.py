@@ -37,19 +37,16 @@ from benchmarks.common import (
     RESULTS_DIR,
     backbone_spec,
     benchmark_parser,
+    config_record,
     interleaved,
-    log2_axes,
     machine,
-    machine_markdown,
-    markdown_table,
     paired_ratios,
+    parse_config,
     print_machine,
-    save_figure,
     summarize,
-    verdict,
-    with_options,
-    write_results,
+    target,
 )
+from benchmarks.report import Panel, Report, Table, iqr_ms, publish
 from runtime.core.backbone import Backbone, BackboneSpec
 from runtime.core.package import TaskPackage
 from runtime.core.prompts import TaskPrompts
@@ -171,7 +168,7 @@ class ForwardConfig:
             raise ValueError(f"mixed_tasks must be at least 1, got {self.mixed_tasks}")
 
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "output_dir": RESULTS_DIR / "quick",
     "backbone": "vit_tiny_patch16_224",
     "batch_sizes": (1, 4),
@@ -320,7 +317,7 @@ def run(config: ForwardConfig) -> dict[str, Any]:
         )
     results: dict[str, Any] = {
         "benchmark": "forward",
-        "config": {k: v for k, v in vars(config).items() if k not in ("spec", "output_dir")},
+        "config": config_record(config),
         "backbone": spec.to_dict(),
         "machine": info,
         "cells": cells,
@@ -329,14 +326,7 @@ def run(config: ForwardConfig) -> dict[str, Any]:
     if "bf16" in stacks:
         results["bf16_agreement"] = bf16_agreement(stacks, config)
     results["targets"] = targets(results, spec, config)
-    print(render_markdown(results))
-    if config.output_dir is not None:
-        results["written"] = {
-            k: str(v)
-            for k, v in write_results(
-                "forward", results, render_markdown(results), plotter(results), config.output_dir
-            ).items()
-        }
+    results["written"] = publish(build_report(results), results, config.output_dir)
     return results
 
 
@@ -352,132 +342,109 @@ def targets(results: dict[str, Any], spec: BackboneSpec, config: ForwardConfig) 
     for batch in config.batch_sizes:
         ratio = _cell(results, batch, f"{mixed} fp32")["ratio_to_plain_fp32"]["median"]
         rows.append(
-            {
-                "target": f"mixed-task batch of {config.mixed_tasks} tasks / plain backbone, fp32",
-                "batch": batch,
-                "value": ratio,
-                "limit": f"<= {MIXED_TARGET}",
-                "status": verdict(ratio, MIXED_TARGET),
-            }
+            target(
+                f"mixed-task batch of {config.mixed_tasks} tasks / plain backbone, fp32",
+                ratio,
+                MIXED_TARGET,
+                batch=batch,
+            )
         )
         for index in PAPER_SETTINGS:
-            ours = _cell(results, batch, f"ours {setting_name(index)} fp32")["seconds"]["median"]
-            paper = _cell(results, batch, f"paper {setting_name(index)} fp32")["seconds"]["median"]
-            ours_samples = _cell(results, batch, f"ours {setting_name(index)} fp32")["samples"]
-            paper_samples = _cell(results, batch, f"paper {setting_name(index)} fp32")["samples"]
-            ratio = paired_ratios(ours_samples, paper_samples)["median"]
+            ours = _cell(results, batch, f"ours {setting_name(index)} fp32")
+            paper = _cell(results, batch, f"paper {setting_name(index)} fp32")
             prompts_n = DEMO_SETTINGS[index][0]
-            limit = tokens / (tokens + prompts_n)
             rows.append(
-                {
-                    "target": f"ours / paper insertion, {setting_name(index)} (token share saved "
+                target(
+                    f"ours / paper insertion, {setting_name(index)} (token share saved "
                     f"{prompts_n / (tokens + prompts_n):.1%})",
-                    "batch": batch,
-                    "value": ratio,
-                    "limit": f"<= {limit:.3f}",
-                    "status": verdict(ratio, limit),
-                    "medians_seconds": {"ours": ours, "paper": paper},
-                }
+                    paired_ratios(ours["samples"], paper["samples"])["median"],
+                    tokens / (tokens + prompts_n),
+                    batch=batch,
+                    medians_seconds={"ours": ours["seconds"]["median"], "paper": paper["seconds"]["median"]},
+                )
             )
         if "bf16" in config.dtypes:
             fp32_mixed = _cell(results, batch, f"{mixed} fp32")["samples"]
             bf16_mixed = _cell(results, batch, f"{mixed} bf16")["samples"]
-            speedup = paired_ratios(fp32_mixed, bf16_mixed)["median"]
             rows.append(
-                {
-                    "target": f"bf16 speedup over fp32 ({mixed})",
-                    "batch": batch,
-                    "value": speedup,
-                    "limit": f">= {BF16_SPEEDUP_TARGET}",
-                    "status": verdict(speedup, BF16_SPEEDUP_TARGET, smaller_is_better=False),
-                }
+                target(
+                    f"bf16 speedup over fp32 ({mixed})",
+                    paired_ratios(fp32_mixed, bf16_mixed)["median"],
+                    BF16_SPEEDUP_TARGET,
+                    smaller_is_better=False,
+                    batch=batch,
+                )
             )
     if "bf16_agreement" in results:
         agreement = results["bf16_agreement"]
         rows.append(
-            {
-                "target": f"bf16 top-1 agreement with fp32 (n={agreement['images']}, random weights)",
-                "batch": config.agreement_batch,
-                "value": agreement["top1_agreement"],
-                "limit": f">= {BF16_AGREEMENT_TARGET}",
-                "status": verdict(
-                    agreement["top1_agreement"], BF16_AGREEMENT_TARGET, smaller_is_better=False
-                ),
-            }
+            target(
+                f"bf16 top-1 agreement with fp32 (n={agreement['images']}, random weights)",
+                agreement["top1_agreement"],
+                BF16_AGREEMENT_TARGET,
+                smaller_is_better=False,
+                batch=config.agreement_batch,
+            )
         )
     return rows
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    spec = results["backbone"]
-    lines = [
-        f"# Forward benchmark: {spec['name']} (seeded random weights)",
-        "",
-        machine_markdown(results["machine"]),
-        "",
-        "Latency per batch (median, interquartile range, p95 over the interleaved rounds) and the per-round "
-        "ratio to the plain fp32 backbone of the same round.",
-        "",
-    ]
-    rows = []
-    for cell in results["cells"]:
-        s = cell["seconds"]
-        rows.append(
-            [
-                cell["batch"],
-                cell["variant"],
-                s["median"] * 1e3,
-                f"{s['p25'] * 1e3:.3g}-{s['p75'] * 1e3:.3g}",
-                s["p95"] * 1e3,
-                s["n"],
-                cell["images_per_second"],
-                cell["ratio_to_plain_fp32"]["median"],
-            ]
-        )
-    lines.append(
-        markdown_table(
-            ["batch", "variant", "p50 ms", "IQR ms", "p95 ms", "n", "images/s", "x plain fp32"], rows
-        )
+def build_report(results: dict[str, Any]) -> Report:
+    """The tables and plots of a run, from its results alone."""
+    latency = Table(
+        text="Latency per batch (median, interquartile range, p95 over the interleaved rounds) and the "
+        "per-round ratio to the plain fp32 backbone of the same round.",
+        rows=[
+            {
+                "batch": cell["batch"],
+                "variant": cell["variant"],
+                "p50 ms": cell["seconds"]["median"] * 1e3,
+                "IQR ms": iqr_ms(cell["seconds"]),
+                "p95 ms": cell["seconds"]["p95"] * 1e3,
+                "n": cell["seconds"]["n"],
+                "images/s": cell["images_per_second"],
+                "x plain fp32": cell["ratio_to_plain_fp32"]["median"],
+            }
+            for cell in results["cells"]
+        ],
     )
-    lines += ["", "## Targets", ""]
-    lines.append(
-        markdown_table(
-            ["target", "batch", "value", "limit", "status"],
-            [[t["target"], t["batch"], t["value"], t["limit"], t["status"]] for t in results["targets"]],
-        )
+    goals = Table(
+        title="Targets", rows=results["targets"], columns=("target", "batch", "value", "limit", "status")
     )
+    sections: list[Table | str] = [latency, goals]
     if "bf16_agreement" in results:
         a = results["bf16_agreement"]
-        lines += [
-            "",
+        sections.append(
             f"bf16 vs fp32 (mixed-task engine): top-1 agreement {a['top1_agreement']:.3f} over {a['images']} "
-            f"images, max relative logit error {a['max_relative_logit_error']:.3g}; {a['note']}.",
-        ]
-    return "\n".join(lines)
-
-
-def plotter(results: dict[str, Any]) -> Callable[[Path], None]:
-    def plot(path: Path) -> None:
-        import matplotlib.pyplot as plt
-
-        figure, (speed, ratio) = plt.subplots(1, 2, figsize=(13, 5))
-        names = list(dict.fromkeys(c["variant"] for c in results["cells"]))
-        for name in names:
-            cells = [c for c in results["cells"] if c["variant"] == name]
-            batches = [c["batch"] for c in cells]
-            style = "--" if name.endswith("bf16") else "-"
-            speed.plot(batches, [c["images_per_second"] for c in cells], style, marker="o", label=name)
-            ratio.plot(
-                batches, [c["ratio_to_plain_fp32"]["median"] for c in cells], style, marker="o", label=name
-            )
-        log2_axes([(speed, "images/s"), (ratio, "time / plain fp32 (per-round median)")], "batch size")
-        ratio.axhline(1.0, color="black", linewidth=0.8)
-        speed.legend(fontsize=7)
-        save_figure(
-            figure, path, f"forward, {results['backbone']['name']}, {results['machine']['cpu_model']}"
+            f"images, max relative logit error {a['max_relative_logit_error']:.3g}; {a['note']}."
         )
-
-    return plot
+    return Report(
+        name="forward",
+        title=f"Forward benchmark: {results['backbone']['name']} (seeded random weights)",
+        machine=results["machine"],
+        sections=sections,
+        panels=[
+            Panel(
+                latency.rows,
+                x="batch",
+                y=["images/s"],
+                series=["variant"],
+                xscale="log2",
+                dashed=lambda variant: variant.endswith("bf16"),
+            ),
+            Panel(
+                latency.rows,
+                x="batch",
+                y=["x plain fp32"],
+                series=["variant"],
+                xscale="log2",
+                ylabel="time / plain fp32 (per-round median)",
+                dashed=lambda variant: variant.endswith("bf16"),
+                reference=1.0,
+                legend=False,
+            ),
+        ],
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
@@ -503,9 +470,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ForwardConfig:
     parser.add_argument(
         "--threads", type=int, help="torch / onnxruntime intra-op threads (default: library's)"
     )
-    args = parser.parse_args(argv)
-    config = ForwardConfig(**QUICK) if args.quick else ForwardConfig()
-    return with_options(config, args)
+    return parse_config(parser, argv, defaults, QUICK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,49 +22,87 @@ measured at 0.089 ms. Expected, from traffic arithmetic only: the cascade costs 
 of q and of the token output and one write (~0.03-0.04 ms at B = 128), the fused kernel 1.2-1.6x the
 floor (``shared/docs/gpu.md``).
 
-Times are medians of :func:`triton.testing.do_bench` in milliseconds. Writes a markdown table to stdout
-and JSON to ``benchmarks/results/kernel_prefix_attention.json``. Needs a CUDA device.
+Times are medians of :func:`triton.testing.do_bench` in milliseconds. Prints each row as it is measured
+and writes ``kernel_prefix_attention.json``, ``.md`` and ``.png`` to ``--output-dir`` (default
+``benchmarks/results``; ``--quick``: B = 8 and 128, 8 tasks, P = 0 and 16, into its ``quick/`` folder).
+Needs a CUDA device.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
-import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    benchmark_parser,
+    config_record,
+    machine,
+    parse_config,
+    print_machine,
+)
+from benchmarks.report import Panel, Report, Table, markdown_header, markdown_row, publish
 from kernels.reference import prefix_mask
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "kernel_prefix_attention.json"
 # q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row: the attention contract's inputs.
 Case = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernel_prefix_attention",
-        description="Prefix attention backends vs cuDNN SDPA with no prefix (CUDA).",
+@dataclass
+class KernelConfig:
+    """The sweep: every (batch size, task count, prefix length) for one head shape and dtype."""
+
+    batch: Sequence[int] = (1, 8, 32, 128)
+    tasks: Sequence[int] = (1, 8, 64)
+    prefix: Sequence[int] = (0, 16, 48)
+    heads: int = 12
+    head_dim: int = 64
+    tokens: int = 197
+    dtype: str = "bf16"
+    seed: int = 0
+    output_dir: Path | None = RESULTS_DIR
+
+
+QUICK: dict[str, Any] = {
+    "output_dir": RESULTS_DIR / "quick",
+    "batch": (8, 128),
+    "tasks": (8,),
+    "prefix": (0, 16),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> KernelConfig:
+    parser = benchmark_parser(
+        "kernel_prefix_attention",
+        "Prefix attention backends vs cuDNN SDPA with no prefix (CUDA).",
+        "B = 8 and 128, 8 tasks, P = 0 and 16",
     )
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes B")
-    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 64], help="tasks in the tables")
-    parser.add_argument("--prefix", type=int, nargs="+", default=[0, 16, 48], help="prefix lengths P")
-    parser.add_argument("--heads", type=int, default=12, help="attention heads H")
-    parser.add_argument("--head-dim", type=int, default=64, help="head dim d (32, 64, 80 or 128)")
-    parser.add_argument("--tokens", type=int, default=197, help="tokens per row N")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    defaults = KernelConfig()
+    parser.add_argument(
+        "--batch", type=int, nargs="+", help=f"batch sizes B (default {list(defaults.batch)})"
+    )
+    parser.add_argument(
+        "--tasks", type=int, nargs="+", help=f"tasks in the tables (default {list(defaults.tasks)})"
+    )
+    parser.add_argument(
+        "--prefix", type=int, nargs="+", help=f"prefix lengths P (default {list(defaults.prefix)})"
+    )
+    parser.add_argument("--heads", type=int, help=f"attention heads H (default {defaults.heads})")
+    parser.add_argument("--head-dim", type=int, help="head dim d: 32, 64, 80 or 128 (default 64)")
+    parser.add_argument("--tokens", type=int, help=f"tokens per row N (default {defaults.tokens})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=f"default {defaults.dtype}")
+    return parse_config(parser, argv, defaults, QUICK)
 
 
 def make_case(
@@ -115,7 +153,7 @@ def cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
         return sdpa(q, k, v)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: KernelConfig) -> list[dict]:
     import triton.testing
 
     from kernels.token_attention import token_attention, token_backend
@@ -166,60 +204,81 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 COLUMNS = (
-    "B", "tasks", "P", "kernel ms", "cascade ms", "token+lse ms", "concat+SDPA ms", "cuDNN floor ms",
-    "kernel / floor", "cascade / floor", "speedup vs concat", "max abs diff kernel / cascade",
+    "B", "tasks", "P", "kernel ms", "cascade ms", "token+lse ms", "token kernel", "concat+SDPA ms",
+    "cuDNN floor ms", "kernel / floor", "cascade / floor", "speedup vs concat", "max abs diff kernel",
+    "max abs diff cascade",
 )  # fmt: skip
-HEADER = "| " + " | ".join(COLUMNS) + " |\n" + "|" + "---:|" * len(COLUMNS)
 
 
-def format_row(row: dict) -> str:
-    cells = (
-        str(row["batch"]),
-        str(row["tasks"]),
-        str(row["prefix"]),
-        f"{row['kernel_ms']:.4f}",
-        f"{row['cascade_ms']:.4f}",
-        f"{row['token_lse_ms']:.4f} ({row['token_kernel']})",
-        f"{row['concat_sdpa_ms']:.4f}",
-        f"{row['sdpa_floor_ms']:.4f}",
-        f"{row['kernel_over_floor']:.2f}",
-        f"{row['cascade_over_floor']:.2f}",
-        f"{row['speedup_vs_concat']:.2f}x",
-        f"{row['max_abs_diff_vs_concat']:.1e} / {row['cascade_max_abs_diff_vs_concat']:.1e}",
+def display_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A measured row under the report's column names."""
+    keys = (
+        "batch", "tasks", "prefix", "kernel_ms", "cascade_ms", "token_lse_ms", "token_kernel",
+        "concat_sdpa_ms", "sdpa_floor_ms", "kernel_over_floor", "cascade_over_floor", "speedup_vs_concat",
+        "max_abs_diff_vs_concat", "cascade_max_abs_diff_vs_concat",
+    )  # fmt: skip
+    return {column: row[key] for column, key in zip(COLUMNS, keys, strict=True)}
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    return markdown_row(list(display_row(row).values()))
+
+
+def build_report(results: dict[str, Any]) -> Report:
+    """The table and plots of a sweep, from its results alone."""
+    config = results["config"]
+    table = Table(
+        text=f"One attention layer of a mixed-task batch: H={config['heads']} d={config['head_dim']} "
+        f"N={config['tokens']} {config['dtype']}; medians of triton.testing.do_bench in ms. Floor = cuDNN "
+        "SDPA over the tokens alone; max abs diff against concat+SDPA.",
+        rows=[display_row(row) for row in results["cells"]],
     )
-    return "| " + " | ".join(cells) + " |"
+    series = ("tasks", "P")
+    return Report(
+        name="kernel_prefix_attention",
+        title="Prefix attention backends vs cuDNN SDPA without a prefix",
+        machine=results["machine"],
+        sections=[table],
+        panels=[
+            Panel(
+                table.rows,
+                x="B",
+                y=["kernel / floor", "cascade / floor"],
+                series=series,
+                xscale="log2",
+                ylabel="time / cuDNN floor",
+                dashed=lambda line: line.endswith("cascade / floor"),
+                reference=1.0,
+            ),
+            Panel(
+                table.rows,
+                x="B",
+                y=["speedup vs concat"],
+                series=series,
+                xscale="log2",
+                reference=1.0,
+                legend=False,
+            ),
+        ],
+    )
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernel_prefix_attention: needs a CUDA GPU, but torch.cuda.is_available() is False.")
-    import triton
-
-    print(
-        f"# prefix attention, {torch.cuda.get_device_name()}, H={args.heads} d={args.head_dim} "
-        f"N={args.tokens} {args.dtype}; median ms (triton.testing.do_bench)\n"
-    )
-    print(HEADER, flush=True)
-    results = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
+    info = machine()
+    print_machine(info)
+    print(markdown_header(COLUMNS), flush=True)
+    results: dict[str, Any] = {
         "benchmark": "kernel_prefix_attention",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "config": {
-            "heads": args.heads,
-            "head_dim": args.head_dim,
-            "tokens": args.tokens,
-            "dtype": args.dtype,
-        },
-        "results": results,
+        "config": config_record(config),
+        "machine": info,
+        "cells": run(config),
     }
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    results["written"] = publish(build_report(results), results, config.output_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
