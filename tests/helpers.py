@@ -18,9 +18,12 @@ def random_prompts(backbone: Backbone, seed: int, **options) -> TaskPrompts:
     return TaskPrompts.random(spec.depth, spec.embed_dim, spec.num_heads, seed=seed, **settings)
 
 
-def random_package(backbone: Backbone, task_id: str, seed: int, **options) -> tuple[TaskPackage, TaskPrompts]:
+def random_package(
+    backbone: Backbone, task_id: str, seed: int, labels: list[str] | None = None, **options
+) -> tuple[TaskPackage, TaskPrompts]:
+    """The tests' one task builder: seeded random prompts (``options`` go to TaskPrompts.random)."""
     prompts = random_prompts(backbone, seed, **options)
-    return TaskPackage.from_prompts(task_id, prompts, backbone), prompts
+    return TaskPackage.from_prompts(task_id, prompts, backbone, labels=labels), prompts
 
 
 def reference_logits(backbone: Backbone, prompts: TaskPrompts, images: Tensor) -> Tensor:

@@ -10,35 +10,33 @@ import numpy as np
 import torch
 from PIL import Image
 
+# One port picker and one readiness wait for every served subprocess, shared with the serve benchmark.
+from benchmarks.common import free_port, wait_until_ready
 from runtime.core.backbone import Backbone
-from runtime.core.package import Preprocess, TaskPackage
-from runtime.core.prompts import TaskPrompts
+from runtime.core.package import TaskPackage
 from runtime.core.registry import TaskRegistry
 from runtime.engines.torch_engine import Engine
 from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
+from tests.helpers import random_package
+
+__all__ = ["free_port", "wait_until_ready"]  # re-exported for the tests
 
 
 def make_package(backbone: Backbone, task_id: str, seed: int, classes: int = 5) -> TaskPackage:
-    spec = backbone.spec
-    prompts = TaskPrompts.random(
-        depth=spec.depth,
-        embed_dim=spec.embed_dim,
-        num_heads=spec.num_heads,
+    """A small pruned task with labels (``<task id>-label-<c>``), as the server tests serve them."""
+    package, _ = random_package(
+        backbone,
+        task_id,
+        seed,
         num_prompts=4,
         num_kv=2,
         num_classes=classes,
-        seed=seed,
         shared_kv=seed % 2 == 0,
         pruned_tokens=1,
         pruned_segments=5,
-    )
-    return TaskPackage.from_prompts(
-        task_id,
-        prompts,
-        backbone,
         labels=[f"{task_id}-label-{c}" for c in range(classes)],
-        preprocess=Preprocess(input_size=spec.img_size),
     )
+    return package
 
 
 def write_tasks(backbone: Backbone, directory: Path, count: int, prefix: str = "task") -> list[TaskPackage]:

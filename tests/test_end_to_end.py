@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from runtime.paper.layout import to_paper_state_dict
 from runtime.paper.reference import paper_forward
 from tests.conftest import TINY
 from tests.helpers import random_prompts, relative_error
-from tests.test_server_shutdown import free_port
+from tests.server_helpers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -58,17 +57,8 @@ def test_checkpoint_to_served_logits(exported: tuple[Path, Path, dict, torch.Ten
         cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        wait_until_ready(f"127.0.0.1:{port}", server, timeout=60, task="flowers")
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if client.is_model_ready("flowers"):
-                    break
-            except grpcclient.InferenceServerException:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
         tensor = grpcclient.InferInput("input", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images.numpy())
         served = client.infer("flowers", [tensor]).as_numpy("logits")

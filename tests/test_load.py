@@ -19,20 +19,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.common import rss_bytes
 from tests.server_helpers import make_package, normalized_images, reference_engine, start_server, write_tasks
 
 REQUESTS = 2400
 CONCURRENCY = 32
 STEADY_TASKS = 4
 CHURNED = "churn"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.mark.slow
@@ -59,16 +52,15 @@ def test_load_with_task_churn(tiny_backbone, tmp_path):
     ) as server:
         url = f"127.0.0.1:{server.port}"
         variant_of_version = {"1": 0}
-        churning = threading.Event()
-        churning.set()
+        traffic_done = threading.Event()
 
         def churn() -> None:
+            # Paced by the end of the traffic rather than by sleeps: each pause ends as soon as it is over.
             with grpcclient.InferenceServerClient(url) as control:
                 turn = 0
-                while churning.is_set():
-                    time.sleep(0.05)
+                while not traffic_done.wait(0.05):
                     control.unload_model(CHURNED)
-                    time.sleep(0.05)
+                    traffic_done.wait(0.05)
                     turn += 1
                     variants[turn % 2].save(tmp_path / f"{CHURNED}.safetensors")
                     control.load_model(CHURNED)
@@ -116,7 +108,7 @@ def test_load_with_task_churn(tiny_backbone, tmp_path):
         try:
             asyncio.run(drive())
         finally:
-            churning.clear()
+            traffic_done.set()
             churner.join()
         elapsed = time.perf_counter() - started
         memory["end"] = rss_bytes()
