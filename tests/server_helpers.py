@@ -11,15 +11,14 @@ import torch
 from PIL import Image
 
 # One port picker and one readiness wait for every served subprocess, shared with the serve benchmark.
-from benchmarks.common import free_port, wait_until_ready
+from benchmarks.common import free_port as free_port
+from benchmarks.common import wait_until_ready as wait_until_ready
 from runtime.core.backbone import Backbone
 from runtime.core.package import TaskPackage
 from runtime.core.registry import TaskRegistry
 from runtime.engines.torch_engine import Engine
 from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
 from tests.helpers import random_package
-
-__all__ = ["free_port", "wait_until_ready"]  # re-exported for the tests
 
 
 def make_package(backbone: Backbone, task_id: str, seed: int, classes: int = 5) -> TaskPackage:
