@@ -21,6 +21,7 @@ import torch
 from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
 from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.engines.attention import BACKENDS
+from runtime.engines.torch_engine import DEFAULT_MAX_BATCH_SIZE
 from runtime.serving.batcher import BATCHING_MODES
 from runtime.serving.task_store import MODES
 from runtime.serving.threads import use_compute_threads, use_one_thread
@@ -86,6 +87,11 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch engine's attention: auto = the Triton kernel on CUDA, PyTorch SDPA elsewhere",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="torch engine on CUDA: replay captured graphs of whole batches (up to --max-batch-size)",
+    )
 
 
 def build_engine(args: argparse.Namespace) -> InferenceEngine:
@@ -97,7 +103,13 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
         )
     backbone.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     return make_engine(
-        args.engine, backbone, attention=args.attention, onnx_path=args.onnx, threads=args.threads
+        args.engine,
+        backbone,
+        attention=args.attention,
+        cuda_graphs=args.cuda_graphs,
+        max_batch_size=getattr(args, "max_batch_size", DEFAULT_MAX_BATCH_SIZE),  # serve has the option
+        onnx_path=args.onnx,
+        threads=args.threads,
     )
 
 

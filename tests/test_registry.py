@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from runtime import Backbone, Engine, TaskRegistry
+from runtime.core.registry import SlotTables
 from tests.helpers import images_for, random_package
 
 
@@ -127,3 +129,29 @@ def test_held_entry_answers_with_its_version_after_replace_and_unload(tiny_backb
     registry.release(held)
     registry.add(random_package(tiny_backbone, "late", seed=5)[0])
     assert held.slot in {entry.slot for entry in registry.snapshot.tasks.values()}  # released, reused
+
+
+def test_heads_live_in_the_tables_and_follow_a_reallocation(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone, initial_slots=1, initial_classes=4)
+    first = registry.add(random_package(tiny_backbone, "a", seed=1, num_classes=3)[0])
+    assert first.head_weight.data_ptr() == registry.tables.head_weight[first.slot].data_ptr()  # a view
+    registry.add(random_package(tiny_backbone, "b", seed=2, num_classes=9)[0])  # more slots, wider heads
+    moved = registry.get("a")
+    assert registry.tables.allocation == 1 and registry.tables.classes == 16
+    assert moved.head_weight.data_ptr() == registry.tables.head_weight[moved.slot].data_ptr()
+    assert torch.equal(moved.head_weight, first.head_weight) and torch.equal(moved.head_bias, first.head_bias)
+    assert registry.memory()["__tables_allocated__"] == registry.tables.nbytes
+
+
+def test_a_failing_tables_listener_aborts_the_load(tiny_backbone: Backbone) -> None:
+    registry = TaskRegistry(tiny_backbone, initial_slots=1)
+    registry.add(random_package(tiny_backbone, "a", seed=1)[0])
+    before = registry.snapshot
+
+    def refuse(tables: SlotTables) -> None:
+        raise MemoryError("no room for graphs")
+
+    registry.on_new_tables(refuse)
+    with pytest.raises(MemoryError, match="no room"):
+        registry.add(random_package(tiny_backbone, "b", seed=2)[0])
+    assert registry.snapshot is before and registry.tables is before.tables and "b" not in registry

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kernels.reference import prefix_mask
-from runtime.core.registry import Snapshot, TaskEntry
+from runtime.core.registry import SlotTables, Snapshot, TaskEntry
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,23 @@ class PrefixPlan:
         """
         longest = max([snapshot.longest_prefix, *(entry.prefix_len for entry in entries)])
         slots = [entry.slot for entry in entries]
-        device = snapshot.prefix_k.device
+        task_of_row = torch.tensor(slots, dtype=torch.int32, device=snapshot.prefix_k.device)
+        return cls.over_tables(snapshot.tables, task_of_row, longest)
+
+    @classmethod
+    def over_tables(cls, tables: SlotTables, task_of_row: Tensor, prefix: int | None = None) -> PrefixPlan:
+        """Rows ``task_of_row`` (slots) over the first ``prefix`` slots of the tables (default: all).
+
+        Over all of them the plan's shapes depend only on the allocation, not on which tasks are
+        loaded: what a CUDA graph captured against these tables needs.
+        """
+        prefix = tables.prefix if prefix is None else prefix
         return cls(
-            task_of_row=torch.tensor(slots, dtype=torch.int32, device=device),
-            prefix_k=snapshot.prefix_k[:, :, :, :longest],
-            prefix_v=snapshot.prefix_v[:, :, :, :longest],
-            prefix_bias=snapshot.prefix_bias[:, :longest],
-            prefix_len=snapshot.prefix_len,
+            task_of_row=task_of_row,
+            prefix_k=tables.prefix_k[:, :, :, :prefix],
+            prefix_v=tables.prefix_v[:, :, :, :prefix],
+            prefix_bias=tables.prefix_bias[:, :prefix],
+            prefix_len=tables.prefix_len,
         )
 
     @property

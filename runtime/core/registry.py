@@ -1,18 +1,23 @@
 """Which tasks are loaded, in which slots: immutable snapshots over slot tables.
 
-Loading a task writes its compiled prefix into a free slot of preallocated tables and publishes
-a new snapshot; a forward holds one snapshot for its whole batch, so tasks can be added,
-replaced and removed while forwards run. A slot is reused only after every snapshot that
+Loading a task writes its compiled prefix and its head into a free slot of preallocated tables
+and publishes a new snapshot; a forward holds one snapshot for its whole batch, so tasks can be
+added, replaced and removed while forwards run. A slot is reused only after every snapshot that
 could still reference it has been released.
+
+The tables' tensors never move within one allocation (:class:`SlotTables`): a CUDA graph captured
+against them replays any mix of loaded tasks. When a load needs more slots, a longer prefix or a
+wider head, the registry allocates bigger tables and calls the ``on_new_tables`` listeners on the
+loading thread *before* any snapshot uses them, so an engine can re-capture off the request path.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -54,7 +59,7 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class TaskEntry:
-    """One loaded version of a task."""
+    """One loaded version of a task; its head (fp32) is a view of its rows in the slot tables."""
 
     task_id: str
     version: int
@@ -79,61 +84,76 @@ class TaskEntry:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """Loaded tasks at one instant: prefix tables and the task-to-slot map. Never mutated.
+class SlotTables:
+    """One allocation of the slot tables: what every loaded task is, as rows indexed by slot.
 
-    ``prefix_k``/``prefix_v [L, slots, H, P_max, d]``, ``prefix_bias [slots, P_max]`` (fp32),
-    ``prefix_len [slots]`` (int32): the attention contract's names (:mod:`kernels.reference`).
-    Slots of no task in ``tasks`` hold stale data and are read only by requests that hold them.
-    ``longest_prefix`` is the longest prefix of any loaded task: every batch attends over that
-    many prefix slots, so a row's output never depends on which rows share its batch.
+    ``prefix_k``/``prefix_v [L, slots, H, P, d]`` (backbone dtype), ``prefix_bias [slots, P]`` and
+    ``prefix_len [slots]`` (int32) are the attention contract's tables (:mod:`kernels.reference`);
+    ``head_weight [slots, C, D]`` and ``head_bias [slots, C]`` (fp32) hold each task's head padded
+    to the widest one (C), for batched heads. ``allocation`` counts reallocations: the tensors of
+    one allocation are written in place (free slots only) and never replaced.
     """
 
-    generation: int
+    allocation: int
     prefix_k: Tensor
     prefix_v: Tensor
     prefix_bias: Tensor
     prefix_len: Tensor
-    tasks: Mapping[str, TaskEntry]
-    longest_prefix: int
+    head_weight: Tensor
+    head_bias: Tensor
 
-    def entries(self, task_ids: Sequence[str]) -> list[TaskEntry]:
-        try:
-            return [self.tasks[task_id] for task_id in task_ids]
-        except KeyError as error:
-            raise UnknownTaskError(error.args[0]) from None
+    @property
+    def slots(self) -> int:
+        return self.prefix_bias.shape[0]
 
+    @property
+    def prefix(self) -> int:
+        return self.prefix_bias.shape[1]
 
-@dataclass
-class _Tables:
-    prefix_k: Tensor
-    prefix_v: Tensor
-    prefix_bias: Tensor
-    prefix_len: Tensor
+    @property
+    def classes(self) -> int:
+        return self.head_bias.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
 
     @classmethod
-    def allocate(cls, backbone: Backbone, slots: int, prefix: int) -> _Tables:
+    def allocate(
+        cls, backbone: Backbone, slots: int, prefix: int, classes: int, allocation: int = 0
+    ) -> SlotTables:
         spec, device, dtype = backbone.spec, backbone.device, backbone.dtype
         shape = (spec.depth, slots, spec.num_heads, prefix, spec.head_dim)
         return cls(
+            allocation=allocation,
             prefix_k=torch.zeros(shape, dtype=dtype, device=device),
             prefix_v=torch.zeros(shape, dtype=dtype, device=device),
             prefix_bias=torch.zeros(slots, prefix, dtype=torch.float32, device=device),
             prefix_len=torch.zeros(slots, dtype=torch.int32, device=device),
+            head_weight=torch.zeros(slots, classes, spec.embed_dim, dtype=torch.float32, device=device),
+            head_bias=torch.zeros(slots, classes, dtype=torch.float32, device=device),
         )
 
-    def grown(self, backbone: Backbone, slots: int, prefix: int) -> _Tables:
-        """New, larger tables holding a copy of these (live snapshots keep the old ones)."""
-        bigger = _Tables.allocate(backbone, slots, prefix)
-        old_slots, old_prefix = self.prefix_bias.shape
+    def grown(self, backbone: Backbone, slots: int, prefix: int, classes: int) -> SlotTables:
+        """The next allocation, at least this big, holding a copy of these (live snapshots keep these)."""
+        bigger = SlotTables.allocate(
+            backbone,
+            max(slots, self.slots),
+            max(prefix, self.prefix),
+            max(classes, self.classes),
+            self.allocation + 1,
+        )
+        old_slots, old_prefix, old_classes = self.slots, self.prefix, self.classes
         bigger.prefix_k[:, :old_slots, :, :old_prefix] = self.prefix_k
         bigger.prefix_v[:, :old_slots, :, :old_prefix] = self.prefix_v
         bigger.prefix_bias[:old_slots, :old_prefix] = self.prefix_bias
         bigger.prefix_len[:old_slots] = self.prefix_len
+        bigger.head_weight[:old_slots, :old_classes] = self.head_weight
+        bigger.head_bias[:old_slots, :old_classes] = self.head_bias
         return bigger
 
-    def write(self, slot: int, task: CompiledTask) -> None:
-        length = task.prefix_len
+    def write(self, slot: int, task: CompiledTask, head_weight: Tensor, head_bias: Tensor) -> None:
+        length, classes = task.prefix_len, head_weight.shape[0]
         self.prefix_k[:, slot, :, :length] = task.keys.to(self.prefix_k.dtype)
         self.prefix_v[:, slot, :, :length] = task.values.to(self.prefix_v.dtype)
         self.prefix_k[:, slot, :, length:] = 0
@@ -141,6 +161,51 @@ class _Tables:
         self.prefix_bias[slot] = 0
         self.prefix_bias[slot, :length] = task.bias
         self.prefix_len[slot] = length
+        self.head_weight[slot] = 0
+        self.head_weight[slot, :classes] = head_weight
+        self.head_bias[slot] = 0
+        self.head_bias[slot, :classes] = head_bias
+
+    def head(self, slot: int, classes: int) -> tuple[Tensor, Tensor]:
+        """The head of the task in ``slot``: views of its rows, not copies."""
+        return self.head_weight[slot, :classes], self.head_bias[slot, :classes]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Loaded tasks at one instant: the slot tables and the task-to-slot map. Never mutated.
+
+    Slots of no task in ``tasks`` hold stale data and are read only by requests that hold them.
+    ``longest_prefix`` is the longest prefix of any loaded task: every batch attends over that
+    many prefix slots, so a row's output never depends on which rows share its batch.
+    """
+
+    generation: int
+    tables: SlotTables
+    tasks: Mapping[str, TaskEntry]
+    longest_prefix: int
+
+    @property
+    def prefix_k(self) -> Tensor:
+        return self.tables.prefix_k
+
+    @property
+    def prefix_v(self) -> Tensor:
+        return self.tables.prefix_v
+
+    @property
+    def prefix_bias(self) -> Tensor:
+        return self.tables.prefix_bias
+
+    @property
+    def prefix_len(self) -> Tensor:
+        return self.tables.prefix_len
+
+    def entries(self, task_ids: Sequence[str]) -> list[TaskEntry]:
+        try:
+            return [self.tasks[task_id] for task_id in task_ids]
+        except KeyError as error:
+            raise UnknownTaskError(error.args[0]) from None
 
 
 @dataclass
@@ -166,26 +231,61 @@ class _Leases:
         return ready
 
 
-class TaskRegistry:
-    """Thread-safe set of loaded tasks for one backbone."""
+def _moved(entry: TaskEntry, tables: SlotTables) -> TaskEntry:
+    """``entry`` with its head read from ``tables`` (a new allocation holding the same rows)."""
+    weight, bias = tables.head(entry.slot, entry.num_classes)
+    return replace(entry, head_weight=weight, head_bias=bias)
 
-    def __init__(self, backbone: Backbone, initial_slots: int = 8, initial_prefix: int = 16) -> None:
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# Growth steps of the tables: a few longer prefixes or wider heads cost one reallocation, not one each.
+PREFIX_STEP = 8
+CLASSES_STEP = 16
+TablesListener = Callable[[SlotTables], None]
+
+
+class TaskRegistry:
+    """Thread-safe set of loaded tasks for one backbone.
+
+    Loads and unloads are serialized; forwards (``acquire``), ``hold`` and ``release`` never wait
+    for a load's compile or a reallocation, only for the short publish.
+    """
+
+    def __init__(
+        self, backbone: Backbone, initial_slots: int = 8, initial_prefix: int = 16, initial_classes: int = 16
+    ) -> None:
         self.backbone = backbone
         self._lock = threading.Lock()
-        self._tables = _Tables.allocate(backbone, initial_slots, initial_prefix)
+        self._writing = threading.Lock()
+        self._tables = SlotTables.allocate(backbone, initial_slots, initial_prefix, initial_classes)
         self._free = list(range(initial_slots))
         self._leases = _Leases()
         self._versions: dict[str, int] = {}
+        self._listeners: list[TablesListener] = []
         self._snapshot = self._publish({}, generation=0)
 
+    def on_new_tables(self, listener: TablesListener) -> None:
+        """Call ``listener(tables)`` on the loading thread whenever the tables are reallocated.
+
+        It runs before any snapshot uses the new tables (they already hold every loaded task); an
+        engine re-captures its CUDA graphs there, off the request path. If it raises, the load
+        fails and the registry keeps its tables.
+        """
+        with self._writing:
+            self._listeners.append(listener)
+
+    @property
+    def tables(self) -> SlotTables:
+        """The current allocation of the slot tables."""
+        return self._tables
+
     def _publish(self, tasks: dict[str, TaskEntry], generation: int) -> Snapshot:
-        tables = self._tables
         self._snapshot = Snapshot(
             generation=generation,
-            prefix_k=tables.prefix_k,
-            prefix_v=tables.prefix_v,
-            prefix_bias=tables.prefix_bias,
-            prefix_len=tables.prefix_len,
+            tables=self._tables,
             tasks=MappingProxyType(tasks),
             longest_prefix=max((entry.prefix_len for entry in tasks.values()), default=0),
         )
@@ -199,42 +299,55 @@ class TaskRegistry:
         device = self.backbone.device
         head_weight = package.head_weight.to(device=device, dtype=torch.float32)
         head_bias = package.head_bias.to(device=device, dtype=torch.float32)
-        with self._lock:
-            self._free.extend(self._leases.reusable())
-            tables = self._tables
-            slots, prefix = tables.prefix_bias.shape
-            if not self._free or compiled.prefix_len > prefix:
-                new_slots = slots * 2 if not self._free else slots
-                self._free.extend(range(slots, new_slots))
-                self._tables = tables.grown(self.backbone, new_slots, max(prefix, compiled.prefix_len))
-            slot = min(self._free)  # lowest first keeps the tables dense
-            self._free.remove(slot)
-            self._tables.write(slot, compiled)
-            version = self._versions.get(package.task_id, 0) + 1
-            self._versions[package.task_id] = version
-            entry = TaskEntry(
-                task_id=package.task_id,
-                version=version,
-                slot=slot,
-                info=info,
-                prefix_len=compiled.prefix_len,
-                head_weight=head_weight,
-                head_bias=head_bias,
-                loaded_at=time.time(),
-                load_seconds=time.perf_counter() - started,
-            )
-            tasks = dict(self._snapshot.tasks)
-            previous = tasks.get(package.task_id)
-            tasks[package.task_id] = entry
-            generation = self._snapshot.generation + 1
-            if previous is not None:
-                self._leases.freed.append((generation, previous.slot))
-            self._publish(tasks, generation)
+        with self._writing:
+            with self._lock:
+                self._free.extend(self._leases.reusable())
+                tables, full = self._tables, not self._free
+            grown = None
+            if full or compiled.prefix_len > tables.prefix or package.num_classes > tables.classes:
+                grown = tables.grown(
+                    self.backbone,
+                    tables.slots * 2 if full else tables.slots,
+                    _round_up(compiled.prefix_len, PREFIX_STEP),
+                    _round_up(package.num_classes, CLASSES_STEP),
+                )
+                for listener in self._listeners:  # outside the lock: forwards go on meanwhile
+                    listener(grown)
+            with self._lock:
+                tasks = dict(self._snapshot.tasks)
+                if grown is not None:
+                    self._free.extend(range(tables.slots, grown.slots))
+                    self._tables = grown
+                    # Loaded tasks' heads now read from the new tables (held entries keep the old ones).
+                    tasks = {key: _moved(entry, grown) for key, entry in tasks.items()}
+                slot = min(self._free)  # lowest first keeps the tables dense
+                self._free.remove(slot)
+                self._tables.write(slot, compiled, head_weight, head_bias)
+                version = self._versions.get(package.task_id, 0) + 1
+                self._versions[package.task_id] = version
+                weight_view, bias_view = self._tables.head(slot, package.num_classes)
+                entry = TaskEntry(
+                    task_id=package.task_id,
+                    version=version,
+                    slot=slot,
+                    info=info,
+                    prefix_len=compiled.prefix_len,
+                    head_weight=weight_view,
+                    head_bias=bias_view,
+                    loaded_at=time.time(),
+                    load_seconds=time.perf_counter() - started,
+                )
+                previous = tasks.get(package.task_id)
+                tasks[package.task_id] = entry
+                generation = self._snapshot.generation + 1
+                if previous is not None:
+                    self._leases.freed.append((generation, previous.slot))
+                self._publish(tasks, generation)
         return entry
 
     def remove(self, task_id: str) -> TaskEntry:
         """Unload a task; forwards already holding a snapshot still finish with it."""
-        with self._lock:
+        with self._writing, self._lock:
             tasks = dict(self._snapshot.tasks)
             if task_id not in tasks:
                 raise UnknownTaskError(task_id)
@@ -305,6 +418,5 @@ class TaskRegistry:
         """Bytes per loaded task, plus the tables' allocated total (padding and free slots included)."""
         snapshot = self._snapshot
         report = {task_id: entry.nbytes for task_id, entry in snapshot.tasks.items()}
-        tables = (snapshot.prefix_k, snapshot.prefix_v, snapshot.prefix_bias, snapshot.prefix_len)
-        report["__tables_allocated__"] = sum(t.numel() * t.element_size() for t in tables)
+        report["__tables_allocated__"] = snapshot.tables.nbytes
         return report

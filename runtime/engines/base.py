@@ -36,6 +36,13 @@ class InferenceEngine(ABC):
         """
         return None
 
+    def check_batch(self, images: Tensor, entries: Sequence[TaskEntry]) -> None:
+        """One image ``[3, S, S]`` per entry, at the backbone's resolution."""
+        size = self.backbone.spec.img_size
+        expected = (len(entries), 3, size, size)
+        if tuple(images.shape) != expected:
+            raise ValueError(f"images {tuple(images.shape)} are not {list(expected)}")
+
     @torch.inference_mode()
     def forward(self, images: Tensor, task_ids: Sequence[str]) -> list[Tensor]:
         """Logits (fp32, on CPU) per row, each from its own task's head; ``images [B, 3, S, S]``."""
@@ -51,10 +58,7 @@ class InferenceEngine(ABC):
         The server resolves each request once (``TaskRegistry.hold``) and runs a whole batch on
         one snapshot; an entry older than the snapshot's is still computable while it is held.
         """
-        size = self.backbone.spec.img_size
-        expected = (len(entries), 3, size, size)
-        if tuple(images.shape) != expected:
-            raise ValueError(f"images {tuple(images.shape)} are not {list(expected)}")
+        self.check_batch(images, entries)
         if not entries:
             return []
         return apply_heads(self.features(PrefixPlan.build(snapshot, entries), images), entries)
