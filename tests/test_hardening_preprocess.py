@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -94,12 +93,11 @@ def test_a_20000x1_png_is_refused_from_its_header_fast(monkeypatch: pytest.Monke
         raise AssertionError("decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    started = time.perf_counter()
+    # Fast because nothing is decoded (checked above), not timed: a wall-clock bound breaks on a busy machine.
     with pytest.raises(
         InputError, match=r"image 0: image of 20000x1 pixels has an aspect ratio of 20000\.0:1"
     ):
         encoded_to_input([data], Preprocess(input_size=224))
-    assert time.perf_counter() - started < 0.5
 
 
 @pytest.mark.parametrize(
