@@ -110,7 +110,7 @@ def test_growth_recaptures_before_the_new_tables_are_used(tiny_backbone: Backbon
     seen: list[tuple[int, int, bool]] = []
 
     def after_the_engine(tables: SlotTables) -> None:  # listeners run in order: the engine's came first
-        captured = graphed.graphs is not None and tables.allocation in graphed.graphs._sets
+        captured = graphed.graphs is not None and tables.allocation in graphed.graphs.captured()
         seen.append((tables.allocation, registry.snapshot.tables.allocation, captured))
 
     registry.on_new_tables(after_the_engine)
@@ -124,7 +124,8 @@ def test_growth_recaptures_before_the_new_tables_are_used(tiny_backbone: Backbon
     task_ids = ["long", "task-1"]
     assert_close(graphed.forward(images, task_ids), Engine(tiny_backbone, registry).forward(images, task_ids))
     assert capture.replayed == [2]
-    assert list(graphed.graphs._sets) == [old + 1]  # a batch on the new tables ran: the old set is dropped
+    assert graphed.graphs is not None
+    assert graphed.graphs.captured() == {old + 1: (1, 2)}  # a batch on the new tables ran: old set dropped
 
 
 def test_unwarmed_and_oversized_batches_run_eagerly(tiny_backbone: Backbone) -> None:

@@ -120,11 +120,12 @@ def test_bf16_error_against_fp32(small_backbone: Backbone) -> None:
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run; GPUs use the CUDA tests"
 )
-def test_triton_path_equals_torch_path() -> None:
+@pytest.mark.parametrize("kernel", ["triton", "cascade"])
+def test_kernel_paths_equal_torch_path(kernel: str) -> None:
     pytest.importorskip("triton")
     backbone = Backbone.create(replace(TINY, num_heads=2, depth=1), "random", seed=3)  # head dim 32
     engine, _ = load_tasks(backbone)
-    fused = Engine(backbone, engine.registry, attention="triton")
+    fused = Engine(backbone, engine.registry, attention=kernel)
     task_ids = ["task-0", "task-4", "task-6"]
     images = images_for(backbone, len(task_ids), seed=2)
     for plain, kernel in zip(engine.forward(images, task_ids), fused.forward(images, task_ids), strict=True):

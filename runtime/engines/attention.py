@@ -7,6 +7,7 @@ its task's prefix (with bias, up to its length) and its own tokens under one sof
 * ``torch``: gathers the plan's prefix rows and runs SDPA over ``[prefix ; tokens]`` with an
   additive mask (CPU default; on CUDA the fallback).
 * ``triton``: the fused kernel reads each row's prefix from the tables in place (CUDA default).
+* ``cascade``: the vendor's SDPA over the tokens, then a kernel merging in the prefix read in place.
 * :func:`bind_rows`: each row's prefix handed in directly, as plain MatMul / Add / Softmax: the form
   the ONNX graph exports (the prefixes are graph inputs, not tables).
 """
@@ -23,7 +24,9 @@ from torch import Tensor
 from runtime.core.plan import PrefixPlan
 
 LayerAttention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
-BACKENDS = ("auto", "torch", "triton")
+Binder = Callable[[PrefixPlan, int], LayerAttention]
+BACKENDS = ("auto", "torch", "triton", "cascade")
+KERNELS = ("triton", "cascade")  # backends of the kernels package, which need triton
 
 
 def bind_torch(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
@@ -41,23 +44,29 @@ def bind_torch(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
     return attend
 
 
-def bind_triton(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
-    """The fused Triton kernel: the prefix is read by row from the tables, never concatenated."""
-    from kernels import prefix_attention
+def bind_kernel(name: str) -> Binder:
+    """A binder for the kernels package's backend ``name``: the prefix is read by row from the tables."""
 
-    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return prefix_attention(
-            q,
-            k,
-            v,
-            plan.prefix_k[layer],
-            plan.prefix_v[layer],
-            plan.prefix_bias,
-            plan.prefix_len,
-            plan.task_of_row,
-        )
+    def bind(plan: PrefixPlan, num_tokens: int) -> LayerAttention:
+        from kernels import attention_backend
 
-    return attend
+        kernel = attention_backend(name)
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return kernel(
+                q,
+                k,
+                v,
+                plan.prefix_k[layer],
+                plan.prefix_v[layer],
+                plan.prefix_bias,
+                plan.prefix_len,
+                plan.task_of_row,
+            )
+
+        return attend
+
+    return bind
 
 
 def bind_rows(
@@ -83,16 +92,16 @@ def bind_rows(
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` picks Triton on CUDA when it is importable, PyTorch everywhere else."""
+    """``auto`` picks the fused Triton kernel on CUDA when triton imports, PyTorch everywhere else."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
     if name != "auto":
-        if name == "triton":
+        if name in KERNELS:
             from kernels import triton_available
 
             if not triton_available():
                 raise RuntimeError(
-                    "attention backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)"
+                    f"attention backend {name!r} needs triton and a CUDA device (or TRITON_INTERPRET=1)"
                 )
         return name
     if device.type == "cuda":
@@ -103,7 +112,4 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "torch"
 
 
-BINDERS: dict[str, Callable[[PrefixPlan, int], LayerAttention]] = {
-    "torch": bind_torch,
-    "triton": bind_triton,
-}
+BINDERS: dict[str, Binder] = {"torch": bind_torch, **{name: bind_kernel(name) for name in KERNELS}}

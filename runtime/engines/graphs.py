@@ -128,7 +128,7 @@ class CudaGraphCapture:
         return replay
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GraphSet:
     """The graphs of one tables allocation: input buffers for the largest bucket, a replay per bucket."""
 
@@ -169,6 +169,11 @@ class GraphRunner:
         self._index = threading.Lock()  # the dict of sets
         self._replaying = threading.Lock()  # one batch in the buffers at a time
         registry.on_new_tables(self.prepare)
+
+    def captured(self) -> dict[int, tuple[int, ...]]:
+        """The buckets with a graph, by tables allocation."""
+        with self._index:
+            return {allocation: tuple(sorted(graphs.replays)) for allocation, graphs in self._sets.items()}
 
     def bucket(self, batch: int) -> int | None:
         """The smallest bucket holding ``batch`` rows; ``None`` above the largest."""
