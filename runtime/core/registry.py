@@ -89,9 +89,10 @@ class SlotTables:
 
     ``prefix_k``/``prefix_v [L, slots, H, P, d]`` (backbone dtype), ``prefix_bias [slots, P]`` and
     ``prefix_len [slots]`` (int32) are the attention contract's tables (:mod:`kernels.reference`);
-    ``head_weight [slots, C, D]`` and ``head_bias [slots, C]`` (fp32) hold each task's head padded
-    to the widest one (C), for batched heads. ``allocation`` counts reallocations: the tensors of
-    one allocation are written in place (free slots only) and never replaced.
+    ``head_weight [slots, C, D]`` and ``head_bias [slots, C]`` (fp32, zero past each task's classes)
+    and ``head_classes [slots]`` (int64, host) hold each task's head padded to the widest (C): the
+    layout of :class:`runtime.engines.heads.HeadTable`. ``allocation`` counts reallocations: the
+    tensors of one allocation are written in place (free slots only) and never replaced.
     """
 
     allocation: int
@@ -101,6 +102,7 @@ class SlotTables:
     prefix_len: Tensor
     head_weight: Tensor
     head_bias: Tensor
+    head_classes: Tensor
 
     @property
     def slots(self) -> int:
@@ -132,6 +134,7 @@ class SlotTables:
             prefix_len=torch.zeros(slots, dtype=torch.int32, device=device),
             head_weight=torch.zeros(slots, classes, spec.embed_dim, dtype=torch.float32, device=device),
             head_bias=torch.zeros(slots, classes, dtype=torch.float32, device=device),
+            head_classes=torch.zeros(slots, dtype=torch.int64),
         )
 
     def grown(self, backbone: Backbone, slots: int, prefix: int, classes: int) -> SlotTables:
@@ -150,6 +153,7 @@ class SlotTables:
         bigger.prefix_len[:old_slots] = self.prefix_len
         bigger.head_weight[:old_slots, :old_classes] = self.head_weight
         bigger.head_bias[:old_slots, :old_classes] = self.head_bias
+        bigger.head_classes[:old_slots] = self.head_classes
         return bigger
 
     def write(self, slot: int, task: CompiledTask, head_weight: Tensor, head_bias: Tensor) -> None:
@@ -165,6 +169,7 @@ class SlotTables:
         self.head_weight[slot, :classes] = head_weight
         self.head_bias[slot] = 0
         self.head_bias[slot, :classes] = head_bias
+        self.head_classes[slot] = classes
 
     def head(self, slot: int, classes: int) -> tuple[Tensor, Tensor]:
         """The head of the task in ``slot``: views of its rows, not copies."""

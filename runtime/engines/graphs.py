@@ -55,13 +55,6 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return (*small, *range(16, max_batch_size, 16), max_batch_size)
 
 
-def table_heads(features: Tensor, tables: SlotTables, rows: Tensor) -> Tensor:
-    """Each row through its task's head, gathered from the tables: one batched product, fp32 ``[B, C]``."""
-    weight = tables.head_weight.index_select(0, rows)
-    bias = tables.head_bias.index_select(0, rows)
-    return torch.baddbmm(bias.unsqueeze(2), weight, features.float().unsqueeze(2)).squeeze(2)
-
-
 class Capture(Protocol):
     """How a graph set records its forwards."""
 

@@ -12,7 +12,8 @@ from runtime.core.plan import PrefixPlan
 from runtime.core.registry import SlotTables, Snapshot, TaskEntry, TaskRegistry
 from runtime.engines.attention import BINDERS, resolve_backend
 from runtime.engines.base import InferenceEngine
-from runtime.engines.graphs import Capture, CudaGraphCapture, GraphRunner, batch_buckets, table_heads
+from runtime.engines.graphs import Capture, CudaGraphCapture, GraphRunner, batch_buckets
+from runtime.engines.heads import HeadTable
 from runtime.engines.prefix_vit import PrefixViT
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -64,7 +65,8 @@ class Engine(InferenceEngine):
     def _graph_forward(self, tables: SlotTables, images: Tensor, task_of_row: Tensor) -> Tensor:
         """What a graph records: features over the tables' whole prefix capacity, then the batched heads."""
         plan = PrefixPlan.over_tables(tables, task_of_row)
-        return table_heads(self.features(plan, images), tables, plan.rows)
+        heads = HeadTable(tables.head_weight, tables.head_bias, tables.head_classes)
+        return heads.apply(self.features(plan, images), task_of_row)
 
     @torch.inference_mode()
     def forward_entries(
