@@ -23,6 +23,7 @@ from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.engines.attention import BACKENDS
 from runtime.engines.torch_engine import DEFAULT_MAX_BATCH_SIZE
 from runtime.serving.batcher import BATCHING_MODES
+from runtime.serving.preprocess import DEFAULT_MAX_PIXELS
 from runtime.serving.task_store import MODES
 from runtime.serving.threads import use_compute_threads, use_one_thread
 
@@ -156,6 +157,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-streams-per-connection", type=int, default=128)
     parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are refused before decoding",
+    )
+    parser.add_argument(
         "--idle-timeout-seconds", type=float, default=300.0, help="close connections idle this long"
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain for TLS on --port")
@@ -182,6 +189,7 @@ def server_config(args: argparse.Namespace) -> Any:
         max_preprocess_backlog=args.max_preprocess_backlog,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,
+        max_image_pixels=args.max_image_pixels,
         idle_timeout_seconds=args.idle_timeout_seconds,
         metrics_port=None if args.no_metrics else args.metrics_port,
         tls_cert=args.tls_cert,

@@ -295,7 +295,7 @@ class InferenceService:
         if isinstance(client_input, EncodedImages):
             return encoded_to_input(client_input.items, pre, self.limits.max_image_pixels)
         if isinstance(client_input, Pixels):
-            return pixels_to_input(torch.from_numpy(client_input.array), pre)
+            return pixels_to_input(torch.from_numpy(client_input.array), pre, self.limits.max_image_pixels)
         return check_normalized(torch.from_numpy(client_input.array), pre.input_size)
 
     def _release_abandoned(self, job: Future[_Admitted]) -> None:
