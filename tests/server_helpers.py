@@ -92,6 +92,9 @@ class RecordingEngine:
         self.release = threading.Event()
         self.release.set()
 
+    def warm_up(self, batch_sizes):
+        self.engine.warm_up(batch_sizes)
+
     def forward_entries(self, snapshot, images, entries):
         self.batches.append([entry.task_id for entry in entries])
         self.started.set()

@@ -199,20 +199,27 @@ def test_stop_drains_queued_requests_then_refuses(engine, tiny_backbone):
 
 
 def test_batches_can_run_on_the_callers_thread(engine, tiny_backbone):
-    """``open()`` + ``run()``: the thread that calls ``run`` computes every batch, until ``stop``."""
+    """``open()`` + ``run()``: the thread that calls ``run`` warms the engine up for every batch size,
+    then computes every batch, until ``stop``."""
     import threading
 
     size = tiny_backbone.spec.img_size
     batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_queue_delay=0.05), ServerMetrics())
     batcher.open()
     computing_threads = set()
+    warm_ups = []
     forward = engine.forward_entries
 
     def recording_forward(*args):
         computing_threads.add(threading.get_ident())
         return forward(*args)
 
+    def recording_warm_up(batch_sizes):
+        assert not engine.batches, "warm-up comes before the first batch"
+        warm_ups.append((threading.get_ident(), list(batch_sizes)))
+
     engine.forward_entries = recording_forward
+    engine.warm_up = recording_warm_up
     answers = []
 
     def client():
@@ -230,4 +237,5 @@ def test_batches_can_run_on_the_callers_thread(engine, tiny_backbone):
     batcher.run()  # returns once the client's stop() has drained the queue
     requester.join()
     assert computing_threads == {threading.get_ident()}
+    assert warm_ups == [(threading.get_ident(), [1, 2, 3, 4])] and batcher.warmed.is_set()
     assert len(answers) == 6

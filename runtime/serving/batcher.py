@@ -122,6 +122,8 @@ class Batcher:
         self._stopping = False
         self._running = False
         self._finished = threading.Event()
+        # Set once the computing thread has warmed the engine up (or the batcher stops first).
+        self.warmed = threading.Event()
 
     def open(self) -> None:
         """Accept requests; batches run once some thread calls ``run()``."""
@@ -170,6 +172,7 @@ class Batcher:
         with self._cond:
             self._accepting = False
             self._stopping = True
+            self.warmed.set()  # nobody waits for a warm-up that will not come
             self._cond.notify_all()
             if not self._running:
                 return True
@@ -213,6 +216,7 @@ class Batcher:
         with self._cond:
             self._running = True
         use_compute_threads(self.config.threads)
+        self._warm_up()
         try:
             while (batch := self._next_batch()) is not None:
                 try:
@@ -223,6 +227,15 @@ class Batcher:
                         self._resolve(request, None, error)
         finally:
             self._finished.set()
+
+    def _warm_up(self) -> None:
+        """On the computing thread: let the engine prepare every batch size (compile, capture graphs)."""
+        try:
+            self.engine.warm_up(range(1, self.config.max_batch_size + 1))
+        except Exception:  # an engine that cannot prepare still computes, eagerly
+            log.exception("engine warm-up failed; batches run without it")
+        finally:
+            self.warmed.set()
 
     def _resolve(self, request: _Request, result: BatchResult | None, error: BaseException | None) -> None:
         # A closed loop raises RuntimeError: nobody waits for this answer anymore.

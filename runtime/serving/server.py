@@ -175,9 +175,13 @@ class InferenceServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._becoming_ready: asyncio.Future[None] | None = None
 
     async def start(self) -> int:
-        """Load tasks, start the batcher and bind the port (0 picks a free one); returns the port."""
+        """Load tasks, start the batcher and bind the port (0 picks a free one); returns the port.
+
+        The server is ready once the computing thread has warmed the engine up: before this
+        returns with ``batcher_thread``, else once the caller's ``batcher.run()`` has done so."""
         cfg = self.config
         credentials = tls_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert or cfg.tls_key else None
         loop = asyncio.get_running_loop()
@@ -202,15 +206,23 @@ class InferenceServer:
         await self._server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+        self._becoming_ready = asyncio.ensure_future(self._ready_once_warm(tls=credentials is not None))
+        if cfg.batcher_thread:
+            await self._becoming_ready
+        return self.port
+
+    async def _ready_once_warm(self, tls: bool) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.warmed.wait)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.readiness.set()
+        cfg = self.config
         backbone = self.engine.backbone
         log.info(
             "server ready",
             extra={
                 "port": self.port,
-                "tls": credentials is not None,
+                "tls": tls,
                 "metrics_port": self.metrics_port,
                 "memory_budget_mib": self.config.memory_budget(backbone.spec.img_size) // 2**20,
                 "backbone": backbone.spec.name,
@@ -219,11 +231,12 @@ class InferenceServer:
                 "model_control_mode": cfg.model_control_mode,
             },
         )
-        return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let accepted requests finish (up to ``grace`` seconds), then release everything."""
         grace = self.config.grace_seconds if grace is None else grace
+        if self._becoming_ready is not None:
+            self._becoming_ready.cancel()
         self.readiness.clear()
         log.info("shutting down", extra={"grace_seconds": grace, "queued": self.batcher.depth})
         await self.health.enter_graceful_shutdown()
