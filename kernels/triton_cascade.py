@@ -10,7 +10,7 @@ exactly (the cascade of FlashInfer's ``merge_state``):
    token part enters the online softmax as one pseudo-key whose base-2 logit is ``lse_t * log2(e)``
    and whose value is ``out_t`` (running state ``m = lse_t * log2(e)``, ``l = 1``, ``acc = out_t``);
    the task's prefix blocks are then folded in with the fused kernel's own step
-   (:func:`kernels.triton_prefix.attend_block`), and ``acc / l`` is written over ``out_t`` in place.
+   (:func:`kernels.triton_prefix.attend_prefix`), and ``acc / l`` is written over ``out_t`` in place.
    This is ``(e^lse_t out_t + sum_j e^s_j v_j) / (e^lse_t + sum_j e^s_j)``: the single softmax over
    ``[prefix ; tokens]``. An empty or fully masked prefix leaves ``out_t`` as it was.
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kernels.launch_configs import cascade_config, device_capability
 from kernels.token_attention import token_attention
-from kernels.triton_prefix import LOG2E, LOG2E_HOST, attend_block, check_contract, input_precision
+from kernels.triton_prefix import LOG2E, LOG2E_HOST, attend_prefix, check_contract, input_precision
 
 __all__ = ["prefix_attention_cascade"]
 
@@ -80,22 +80,13 @@ def _prefix_merge_kernel(
     l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.load(o_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
 
-    pk_base = PK + task * stride_pkt + off_h * stride_pkh
-    pv_base = PV + task * stride_pvt + off_h * stride_pvh
-    pb_base = PBIAS + task * stride_pbt
-    for start_n in range(0, plen, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < plen
-        bias = tl.load(pb_base + cols * stride_pbn, mask=col_ok, other=0.0).to(tl.float32)
-        logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
-        kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
-        v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
-        acc, l_i, m_i = attend_block(
-            acc, l_i, m_i, q,
-            kt_ptrs, col_ok[None, :] & d_mask[:, None],
-            v_ptrs, col_ok[:, None] & d_mask[None, :],
-            logit_bias, qk_scale, INPUT_PRECISION,
-        )  # fmt: skip
+    acc, l_i, m_i = attend_prefix(
+        acc, l_i, m_i, q,
+        PK + task * stride_pkt + off_h * stride_pkh, stride_pkn, stride_pkd,
+        PV + task * stride_pvt + off_h * stride_pvh, stride_pvn, stride_pvd,
+        PBIAS + task * stride_pbt, stride_pbn,
+        plen, offs_n, offs_d, d_mask, qk_scale, BLOCK_N, INPUT_PRECISION,
+    )  # fmt: skip
 
     # l_i >= the token part's weight 2^(lse - m) > 0.
     tl.store(o_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=tile_mask)

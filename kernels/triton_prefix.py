@@ -79,6 +79,37 @@ def attend_block(
 
 
 # P_MAX follows the loaded tasks; not specializing on it keeps one compiled variant per configuration.
+@triton.jit
+def attend_prefix(
+    acc, l_i, m_i, q,
+    pk_base, stride_pkn, stride_pkd,
+    pv_base, stride_pvn, stride_pvd,
+    pb_base, stride_pbn,
+    plen, offs_n, offs_d, d_mask, qk_scale,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold one task's prefix (its first ``plen`` rows, each with its logit bias) into the softmax state.
+
+    Logit = q.k * scale + bias[j], in base 2; slots at or past ``plen`` are ``-inf``. Shared by the
+    fused kernel (its first pass) and the cascade's merge kernel (after the token part).
+    """
+    for start_n in range(0, plen, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < plen
+        bias = tl.load(pb_base + cols * stride_pbn, mask=col_ok, other=0.0).to(tl.float32)
+        logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
+        kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
+        v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
+        acc, l_i, m_i = attend_block(
+            acc, l_i, m_i, q,
+            kt_ptrs, col_ok[None, :] & d_mask[:, None],
+            v_ptrs, col_ok[:, None] & d_mask[None, :],
+            logit_bias, qk_scale, INPUT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["P_MAX"])
 def _prefix_attention_kernel(
     Q, K, V, PK, PV, PBIAS, PLEN, TASK, Out,
@@ -127,23 +158,14 @@ def _prefix_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Pass 1: the task's prefix. Logit = q.k * scale + bias[j], all in base 2; slots >= plen are -inf.
-    pk_base = PK + task * stride_pkt + off_h * stride_pkh
-    pv_base = PV + task * stride_pvt + off_h * stride_pvh
-    pb_base = PBIAS + task * stride_pbt
-    for start_n in range(0, plen, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < plen
-        bias = tl.load(pb_base + cols * stride_pbn, mask=col_ok, other=0.0).to(tl.float32)
-        logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
-        kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
-        v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
-        acc, l_i, m_i = attend_block(
-            acc, l_i, m_i, q,
-            kt_ptrs, col_ok[None, :] & d_mask[:, None],
-            v_ptrs, col_ok[:, None] & d_mask[None, :],
-            logit_bias, qk_scale, INPUT_PRECISION,
-        )  # fmt: skip
+    # Pass 1: the task's prefix.
+    acc, l_i, m_i = attend_prefix(
+        acc, l_i, m_i, q,
+        PK + task * stride_pkt + off_h * stride_pkh, stride_pkn, stride_pkd,
+        PV + task * stride_pvt + off_h * stride_pvh, stride_pvn, stride_pvd,
+        PBIAS + task * stride_pbt, stride_pbn,
+        plen, offs_n, offs_d, d_mask, qk_scale, BLOCK_N, INPUT_PRECISION,
+    )  # fmt: skip
 
     # Pass 2: the row's own tokens, no bias; only the tail of the last block is masked.
     k_base = K + off_b * stride_kb + off_h * stride_kh
