@@ -23,7 +23,7 @@ def infer(client: grpcclient.InferenceServerClient, task_id: str, images: np.nda
     return client.infer(task_id, [tensor]).as_numpy("logits")
 
 
-def test_overwritten_and_truncated_files_do_not_change_answers(tiny_backbone: Backbone, tmp_path: Path) -> None:
+def test_overwritten_and_truncated_files_change_no_answer(tiny_backbone: Backbone, tmp_path: Path) -> None:
     weights = tiny_backbone.save(tmp_path / "backbone.safetensors")
     backbone = Backbone.create(TINY, weights)
     task_dir = tmp_path / "tasks"
