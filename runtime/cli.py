@@ -117,7 +117,11 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-dir", required=True, help="directory of <task id>.safetensors packages")
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: a free port, logged)")
+    parser.add_argument(
+        "--http-port", type=int, default=8000, help="HTTP/REST v2 port (0: a free port, logged)"
+    )
+    parser.add_argument("--no-http", action="store_true", help="serve no HTTP/REST endpoint")
     parser.add_argument(
         "--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: a free port, logged)"
     )
@@ -175,6 +179,7 @@ def server_config(args: argparse.Namespace) -> Any:
     return ServerConfig(
         host=args.host,
         port=args.port,
+        http_port=None if args.no_http else args.http_port,
         task_dir=args.task_dir,
         model_control_mode=args.model_control_mode,
         load_tasks=args.load_task,
@@ -192,6 +197,7 @@ def server_config(args: argparse.Namespace) -> Any:
         max_image_pixels=args.max_image_pixels,
         idle_timeout_seconds=args.idle_timeout_seconds,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_host=args.host,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         threads=args.threads,

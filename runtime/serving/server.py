@@ -26,6 +26,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from runtime.engines.base import InferenceEngine
 from runtime.serving.admission import Admission, BoundedPool
 from runtime.serving.batcher import Batcher, BatcherConfig
+from runtime.serving.http_server import HttpFrontEnd
 from runtime.serving.inference import InferenceService
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.preprocess import DEFAULT_MAX_PIXELS
@@ -57,6 +58,8 @@ for _file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8001
+    # None: no HTTP/REST front end; 0: a free port (``server.http_port`` tells which).
+    http_port: int | None = None
     task_dir: str | Path = "tasks"
     model_control_mode: str = "none"
     load_tasks: list[str] = field(default_factory=list)
@@ -172,7 +175,9 @@ class InferenceServer:
             max_image_pixels=config.max_image_pixels,
         )
         self.health = health.aio.HealthServicer()
+        self.http = HttpFrontEnd(self.service, config.max_message_mb * 2**20, config.grace_seconds)
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._becoming_ready: asyncio.Future[None] | None = None
@@ -204,6 +209,8 @@ class InferenceServer:
         else:
             self.port = self._server.add_insecure_port(address)
         await self._server.start()
+        if cfg.http_port is not None:
+            self.http_port = await self.http.start(cfg.host, cfg.http_port)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
         self._becoming_ready = asyncio.ensure_future(self._ready_once_warm(tls=credentials is not None))
@@ -222,6 +229,7 @@ class InferenceServer:
             "server ready",
             extra={
                 "port": self.port,
+                "http_port": self.http_port,
                 "tls": tls,
                 "metrics_port": self.metrics_port,
                 "memory_budget_mib": self.config.memory_budget(backbone.spec.img_size) // 2**20,
@@ -242,12 +250,14 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         stopping = asyncio.ensure_future(self._server.stop(grace)) if self._server else None
+        http_stopping = asyncio.ensure_future(self.http.stop())
         deadline = time.monotonic() + grace
         # Admitted requests may still be decoding: let them reach the queue and be answered first.
         await loop.run_in_executor(None, self.admission.wait_idle, grace)
         drained = await loop.run_in_executor(None, self.batcher.stop, max(0.0, deadline - time.monotonic()))
         if stopping is not None:
             await stopping
+        await http_stopping
         self.store.stop()
         self.metrics.close()
         self.preprocess_pool.shutdown()
