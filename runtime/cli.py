@@ -169,6 +169,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-timeout-seconds", type=float, default=300.0, help="close connections idle this long"
     )
+    parser.add_argument(
+        "--declared-input",
+        choices=("pixels", "image", "input"),
+        default="pixels",
+        help="the input metadata and config declare (perf_analyzer sends it); all three are accepted",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate chain for TLS on --port")
     parser.add_argument("--tls-key", help="PEM private key for TLS on --port")
 
@@ -195,6 +201,7 @@ def server_config(args: argparse.Namespace) -> Any:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_streams_per_connection=args.max_streams_per_connection,
         max_image_pixels=args.max_image_pixels,
+        declared_input=args.declared_input,
         idle_timeout_seconds=args.idle_timeout_seconds,
         metrics_port=None if args.no_metrics else args.metrics_port,
         metrics_host=args.host,

@@ -103,12 +103,10 @@ def test_model_metadata_and_config(client, packages):
     size = package.preprocess.input_size
     metadata = client.get_model_metadata("task-1")
     assert metadata.versions == ["1"]
-    shapes = {t.name: (t.datatype, list(t.shape)) for t in metadata.inputs}
-    assert shapes == {
-        "image": ("BYTES", [-1, 1]),
-        "pixels": ("UINT8", [-1, -1, -1, 3]),
-        "input": ("FP32", [-1, 3, size, size]),
-    }
+    # One declared input with static dims (what perf_analyzer needs); the others are still accepted.
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("pixels", "UINT8", [-1, size, size, 3])
+    ]
     assert [(o.name, o.datatype, list(o.shape)) for o in metadata.outputs] == [
         ("logits", "FP32", [-1, package.num_classes])
     ]
@@ -116,10 +114,8 @@ def test_model_metadata_and_config(client, packages):
     assert config.max_batch_size == 16
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds == 20000
-    assert [i.name for i in config.input] == ["image", "pixels", "input"] and all(
-        i.optional for i in config.input
-    )
-    assert config.input[2].format == config.input[2].FORMAT_NCHW
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [("pixels", [size, size, 3], False)]
+    assert config.input[0].format == config.input[0].FORMAT_NHWC
     assert config.parameters["input_size"].string_value == str(size)
     expect_error(grpc.StatusCode.NOT_FOUND, "unknown task 'nope'", client.get_model_metadata, "nope")
     expect_error(grpc.StatusCode.NOT_FOUND, "version '7'", client.get_model_config, "task-1", "7")

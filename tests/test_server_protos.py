@@ -60,7 +60,7 @@ def test_enums_and_service_match_tritonclient():
         theirs_method = their_service.methods_by_name[method.name]
         assert method.input_type.full_name == theirs_method.input_type.full_name
         assert method.output_type.full_name == theirs_method.output_type.full_name
-    assert len(our_service.methods) == 11
+    assert len(our_service.methods) == 18
 
 
 def test_generated_stubs_are_reproducible(tmp_path):

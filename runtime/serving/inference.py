@@ -92,6 +92,7 @@ class InferenceService:
         loader: Executor,
         ready: threading.Event,
         max_image_pixels: int,
+        declared_input: str = "pixels",
     ) -> None:
         self.registry = registry
         self.batcher = batcher
@@ -102,6 +103,7 @@ class InferenceService:
         self.loader = loader
         self.ready = ready
         self.limits = InputLimits(batcher.config.max_batch_size, max_image_pixels)
+        self.declared_input = declared_input
         self._hidden_paths = (store.root,)
 
     # -- health and metadata -----------------------------------------------------------------------
@@ -123,12 +125,13 @@ class InferenceService:
         return self.server_ready()
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        return metadata_of(self._entry(name, version))
+        return metadata_of(self._entry(name, version), self.declared_input)
 
     def model_config(self, name: str, version: str = "") -> ModelConfiguration:
         config = self.batcher.config
         return configuration_of(
             self._entry(name, version),
+            self.declared_input,
             config.max_batch_size,
             round(config.max_queue_delay * 1e6),
             self.registry.backbone.device.type,

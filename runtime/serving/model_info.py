@@ -76,27 +76,28 @@ class ModelStatistics:
     memory_bytes: int
 
 
-def metadata_of(entry: TaskEntry) -> ModelMetadata:
+def metadata_of(entry: TaskEntry, declared_input: str) -> ModelMetadata:
+    """The metadata declares one input (``declared_input``), as a client that sends every declared
+    input (perf_analyzer) needs; the other forms are still accepted (docs/serving.md)."""
     size = entry.info.preprocess.input_size
+    form = INPUTS[declared_input]
     return ModelMetadata(
         name=entry.task_id,
         versions=(str(entry.version),),
         platform=PLATFORM,
-        inputs=tuple(
-            TensorMetadata(form.name, form.datatype, (-1, *input_dims(form.name, size)))
-            for form in INPUTS.values()
-        ),
+        inputs=(TensorMetadata(form.name, form.datatype, (-1, *input_dims(form.name, size))),),
         outputs=(TensorMetadata(OUTPUT_NAME, "FP32", (-1, entry.num_classes)),),
     )
 
 
 def configuration_of(
-    entry: TaskEntry, max_batch_size: int, max_queue_delay_us: int, device_type: str
+    entry: TaskEntry, declared_input: str, max_batch_size: int, max_queue_delay_us: int, device_type: str
 ) -> ModelConfiguration:
     info, pre = entry.info, entry.info.preprocess
+    declared = INPUTS[declared_input]
     parameters = {
-        "accepted_inputs": "exactly one of: image (BYTES, JPEG/PNG), pixels (UINT8 NHWC), "
-        "input (FP32 NCHW, normalized)",
+        "accepted_inputs": "exactly one of: image (BYTES [N] or [N, 1], JPEG/PNG), pixels (UINT8 "
+        "[N, H, W, 3], any H and W), input (FP32 [N, 3, S, S], normalized)",
         "input_size": str(pre.input_size),
         "mean": ",".join(map(str, pre.mean)),
         "std": ",".join(map(str, pre.std)),
@@ -114,15 +115,13 @@ def configuration_of(
         platform=PLATFORM,
         backend="e2vpt",
         max_batch_size=max_batch_size,
-        inputs=tuple(
+        inputs=(
             ConfigTensor(
-                form.name,
-                form.datatype,
-                tuple(input_dims(form.name, pre.input_size)),
-                layout=form.layout,
-                optional=True,
-            )
-            for form in INPUTS.values()
+                declared.name,
+                declared.datatype,
+                tuple(input_dims(declared.name, pre.input_size)),
+                layout=declared.layout,
+            ),
         ),
         outputs=(
             ConfigTensor(

@@ -46,8 +46,10 @@ INPUTS = {
 
 
 def input_dims(name: str, input_size: int) -> list[int]:
-    """Dims without the batch dimension, as ModelConfig reports them (-1: any size)."""
-    return {"image": [1], "pixels": [-1, -1, 3], "input": [3, input_size, input_size]}[name]
+    """Declared dims without the batch dimension, as ModelConfig reports them. Static, so tools
+    that make up inputs from the metadata (perf_analyzer) can; ``pixels`` of any size are still
+    accepted."""
+    return {"image": [1], "pixels": [input_size, input_size, 3], "input": [3, input_size, input_size]}[name]
 
 
 # -- requests and responses ------------------------------------------------------------------------

@@ -74,6 +74,9 @@ class ServerConfig:
     grace_seconds: float = 10.0
     max_message_mb: int = 64
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # The one input metadata and config declare (all three forms are accepted): ``pixels`` as
+    # [S, S, 3] lets perf_analyzer make up requests with no --shape or data file.
+    declared_input: str = "pixels"
     # None: no metrics endpoint; 0: a free port (``server.metrics_port`` tells which).
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
@@ -173,6 +176,7 @@ class InferenceServer:
             loader=self.loader_pool,
             ready=self.readiness,
             max_image_pixels=config.max_image_pixels,
+            declared_input=config.declared_input,
         )
         self.health = health.aio.HealthServicer()
         self.http = HttpFrontEnd(self.service, config.max_message_mb * 2**20, config.grace_seconds)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -15,6 +16,7 @@ from runtime.serving.errors import ServingError
 from runtime.serving.inference import InferenceService
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+SHARED_MEMORY_REFUSAL = "shared memory is not supported by this server; send tensors in the request"
 
 T = TypeVar("T")
 
@@ -110,3 +112,70 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, self.service.reject(request.model_name, error))
         response = await _answer_async(context, lambda: self.service.infer(neutral, deadline))
         return grpc_codec.infer_response(response)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming inference: each request answered on the stream as soon as it is done
+        (not in order, as Triton's decoupled-free models do), a failure as ``error_message``.
+
+        Requests of one stream are computed concurrently, so they batch as separate calls do;
+        the admission limits bound them like any other request."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                try:
+                    neutral = grpc_codec.infer_request(request)
+                except ValueError as error:
+                    raise self.service.reject(request.model_name, error) from None
+                response = await self.service.infer(neutral)
+                answers.put_nowait(
+                    pb.ModelStreamInferResponse(infer_response=grpc_codec.infer_response(response))
+                )
+            except ServingError as error:
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                answers.put_nowait(
+                    pb.ModelStreamInferResponse(error_message=error.message, infer_response=failed)
+                )
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (message := await answers.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # Shared memory (system and CUDA): refused at once, so a client falls back or stops clearly.
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, SHARED_MEMORY_REFUSAL)
