@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone
+from runtime.core.backbone import ARCHITECTURES, RANDOM_WEIGHTS, Backbone, BackboneSpec
 from runtime.engines import ENGINES, InferenceEngine, make_engine
 from runtime.engines.attention import BACKENDS
 from runtime.engines.torch_engine import DEFAULT_MAX_BATCH_SIZE
@@ -71,7 +71,8 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backbone",
         choices=sorted(ARCHITECTURES),
-        help="architecture (default: the one recorded in --weights by `python -m exporter backbone`)",
+        help="architecture (default: the one recorded in --weights by `python -m exporter backbone`; "
+        "with --weights random, the one the packages in --task-dir record)",
     )
     parser.add_argument(
         "--weights", required=True, help="backbone weights (.safetensors or weights-only .pth), or 'random'"
@@ -95,15 +96,31 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def recorded_backbone(task_dir: str | Path) -> BackboneSpec | None:
+    """The one architecture every readable package in ``task_dir`` records (None: none, or several)."""
+    from runtime.core.package import PackageError, load_package
+
+    specs = set()
+    for path in sorted(Path(task_dir).glob("*.safetensors")):
+        try:
+            specs.add(load_package(path, name=path.name).backbone_spec)
+        except PackageError:
+            continue  # the server reports it when it loads the directory
+    return specs.pop() if len(specs) == 1 else None
+
+
 def build_engine(args: argparse.Namespace) -> InferenceEngine:
-    backbone = Backbone.create(args.backbone, args.weights, seed=args.seed)
+    spec: str | BackboneSpec | None = args.backbone
+    if spec is None and args.weights == RANDOM_WEIGHTS and getattr(args, "task_dir", None):
+        spec = recorded_backbone(args.task_dir)  # random weights: the tasks' own architecture
+    backbone = Backbone.create(spec, args.weights, seed=args.seed)
     if args.weights == RANDOM_WEIGHTS:
         log.warning(
             "backbone weights are RANDOM, not pretrained: outputs are meaningless",
-            extra={"backbone": args.backbone, "seed": args.seed},
+            extra={"backbone": backbone.spec.name, "seed": args.seed},
         )
     backbone.to(device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    return make_engine(
+    engine = make_engine(
         args.engine,
         backbone,
         attention=args.attention,
@@ -112,6 +129,19 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
         onnx_path=args.onnx,
         threads=args.threads,
     )
+    log.info(
+        "engine built",
+        extra={
+            "engine": args.engine,
+            "backbone": backbone.spec.name,
+            "dtype": args.dtype,
+            "device": args.device,
+            "attention": getattr(engine, "attention", "onnxruntime"),
+            "cuda_graphs": args.cuda_graphs,
+            "threads": args.threads or torch.get_num_threads(),
+        },
+    )
+    return engine
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -362,19 +392,28 @@ def run_demo(engine: InferenceEngine, task_dir: Path, requests: int, threads: in
     return 0
 
 
+def _add_log_args(parser: argparse.ArgumentParser, fmt: str, level: str) -> None:
+    parser.add_argument("--log-format", choices=("text", "json"), default=fmt, help="log lines")
+    parser.add_argument("--log-level", default=level, help="logging level name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--log-level", default="INFO")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__, formatter_class=formatter)
+    _add_log_args(parser, "text", "INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve tasks over the KServe v2 gRPC API")
+    serve = commands.add_parser(
+        "serve", formatter_class=formatter, help="serve tasks over the KServe v2 gRPC API"
+    )
     _add_backbone_args(serve)
     add_server_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser(
-        "demo", help="embedded default backbone + demo tasks, queried with tritonclient"
+        "demo",
+        formatter_class=formatter,
+        help="embedded default backbone + demo tasks, queried with tritonclient",
     )
     demo.add_argument("--task-dir", help="where to write the demo packages (default: a temp dir)")
     demo.add_argument("--tasks", type=int, default=4)
@@ -382,13 +421,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--threads", type=int)
     demo.set_defaults(run=cmd_demo)
 
-    classify = commands.add_parser("classify", help="in-process: top-k of images under task packages")
+    classify = commands.add_parser(
+        "classify", formatter_class=formatter, help="in-process: top-k of images under task packages"
+    )
     _add_backbone_args(classify)
     classify.add_argument("--task", action="append", required=True, help="task package file (repeatable)")
     classify.add_argument("--top-k", type=int, default=5)
     classify.add_argument("images", nargs="+", help="JPEG/PNG files")
     classify.set_defaults(run=cmd_classify)
 
+    for command in (serve, demo, classify):
+        # Also accepted after the command; SUPPRESS keeps the value given before it, if any.
+        _add_log_args(command, argparse.SUPPRESS, argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configure_logging(args.log_format, "WARNING" if args.command == "demo" else args.log_level)
     try:
