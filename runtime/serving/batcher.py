@@ -20,11 +20,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import Gauge
 from torch import Tensor
 
 from runtime.core.registry import TaskEntry
 from runtime.engines.base import InferenceEngine
-from runtime.serving.metrics import ServerMetrics
+from runtime.serving.metrics import BatchShare, ServerMetrics
 from runtime.serving.threads import use_compute_threads
 
 log = logging.getLogger("e2vpt.batcher")
@@ -164,6 +165,7 @@ class Batcher:
                 )
             self._queue.append(request)
             self.metrics.queue_depth.set(len(self._queue))
+            self._pending(request).inc()
             self._cond.notify()
         return await request.future
 
@@ -187,6 +189,7 @@ class Batcher:
                     return None
                 self._cond.wait(IDLE_WAKE_SECONDS)
             batch = [self._queue.popleft()]
+            self._pending(batch[0]).dec()
             rows = batch[0].rows
             close_at = batch[0].enqueued_ns / 1e9 + cfg.max_queue_delay
             while rows < cfg.max_batch_size:
@@ -195,6 +198,7 @@ class Batcher:
                     if rows + candidate.rows > cfg.max_batch_size:
                         break
                     self._queue.remove(candidate)
+                    self._pending(candidate).dec()
                     batch.append(candidate)
                     rows += candidate.rows
                     continue
@@ -204,6 +208,9 @@ class Batcher:
                 self._cond.wait(remaining)
             self.metrics.queue_depth.set(len(self._queue))
         return batch
+
+    def _pending(self, request: _Request) -> Gauge:
+        return self.metrics.nv_pending.labels(request.task_id, str(request.entry.version))
 
     def _candidate(self, task_id: str) -> _Request | None:
         """The next queued request that may join a batch opened by ``task_id``."""
@@ -279,13 +286,20 @@ class Batcher:
             )
             results.append((request, result))
         finished = time.perf_counter_ns()
-        rows_by_task: dict[str, int] = {}
-        queue_by_task: dict[str, list[int]] = {}
+        task_rows: dict[tuple[str, str], int] = {}
+        task_waits: dict[tuple[str, str], list[int]] = {}
         for request, result in results:
-            rows_by_task[request.task_id] = rows_by_task.get(request.task_id, 0) + request.rows
-            queue_by_task.setdefault(request.task_id, []).append(result.queue_ns)
+            key = (request.task_id, str(request.entry.version))
+            task_rows[key] = task_rows.get(key, 0) + request.rows
+            task_waits.setdefault(key, []).append(result.queue_ns)
         self.metrics.record_batch(
-            rows_by_task, queue_by_task, inputs_ready - started, inferred - inputs_ready, finished - inferred
+            [
+                BatchShare(task, version, task_rows[task, version], task_waits[task, version])
+                for task, version in task_rows
+            ],
+            inputs_ready - started,
+            inferred - inputs_ready,
+            finished - inferred,
         )
         # Statistics first, answers second: a client that got its answer sees it counted.
         for request, result in results:

@@ -211,7 +211,7 @@ class InferenceService:
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Answer one inference request; ``deadline`` is a ``time.monotonic()`` instant or None."""
         started = time.perf_counter()
-        label = request.model_name if request.model_name in self.registry else UNKNOWN_TASK_LABEL
+        label, version = self._labels(request.model_name)
         try:
             with self.admission.admitted(), self.metrics.inflight.track_inprogress():
                 if self.batcher.full:
@@ -221,7 +221,7 @@ class InferenceService:
                     )
                 admitted = await self._admit(request, deadline)
                 entry = admitted.entry
-                label = entry.task_id
+                label, version = entry.task_id, str(entry.version)
                 try:
                     result = await self.batcher.infer(entry, admitted.images, deadline)
                 finally:
@@ -229,21 +229,26 @@ class InferenceService:
             outputs = encode_outputs(result.logits, admitted.outputs, entry.info.labels)
         except asyncio.CancelledError:
             status = Status.DEADLINE_EXCEEDED if _expired(deadline) else Status.CANCELLED
-            self.metrics.record_failure(label, status.name, time.perf_counter() - started)
+            self.metrics.record_failure(label, version, status.name, time.perf_counter() - started)
             raise
         except Exception as error:
             failure = as_serving_error(error, self._hidden_paths)
-            self.metrics.record_failure(label, failure.status.name, time.perf_counter() - started)
+            self.metrics.record_failure(label, version, failure.status.name, time.perf_counter() - started)
             raise failure from None
-        self.metrics.record_success(entry.task_id, time.perf_counter() - started)
+        self.metrics.record_success(entry.task_id, str(entry.version), time.perf_counter() - started)
         return InferResponse(entry.task_id, str(entry.version), request.id, outputs)
 
     def reject(self, model_name: str, error: BaseException) -> ServingError:
         """Count a request its transport could not even decode; the error to answer it with."""
         failure = as_serving_error(error, self._hidden_paths)
-        label = model_name if model_name in self.registry else UNKNOWN_TASK_LABEL
-        self.metrics.record_failure(label, failure.status.name, 0.0)
+        self.metrics.record_failure(*self._labels(model_name), failure.status.name, 0.0)
         return failure
+
+    def _labels(self, name: str) -> tuple[str, str | None]:
+        """Metric labels of a request for ``name`` before it holds a task: the loaded version's,
+        or the shared unknown-task label and no version (no Triton series for it)."""
+        entry = self.registry.snapshot.tasks.get(name)
+        return (name, str(entry.version)) if entry is not None else (UNKNOWN_TASK_LABEL, None)
 
     async def _admit(self, request: InferRequest, deadline: float | None) -> _Admitted:
         """Hold the task and decode the input on a decoding worker."""

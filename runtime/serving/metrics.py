@@ -1,17 +1,46 @@
-"""Server counters: Prometheus metrics (own registry per server) and per-task ModelStatistics."""
+"""Server counters: Prometheus metrics (own registry per server) and per-task ModelStatistics.
+
+Statistics follow Triton's accounting: every request of a batch is charged the batch's whole
+compute time (compute_input/infer/output count requests, their ns add the batch's time once per
+request), ``batch_stats`` is keyed by the task's own rows in the batch, and ``execution_count``
+counts the batches a task took part in. The Prometheus registry carries Triton's metric names and
+labels (``nv_*``, per ``model`` and ``version``) beside this server's own ``e2vpt_*``.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, UnknownMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+METRICS_PATH = "/metrics"
+MODEL_LABELS = ("model", "version")
+
+
+# Triton's cumulative per-model counters: name after ``nv_inference_``, help text.
+TRITON_COUNTERS = {
+    "request_success": "Number of successful inference requests, all batch sizes",
+    "request_failure": "Number of failed inference requests, all batch sizes",
+    "count": "Number of inferences performed (does not include cached requests)",
+    "exec_count": "Number of model executions performed (does not include cached requests)",
+    "request_duration_us": "Cumulative inference request duration in microseconds",
+    "queue_duration_us": "Cumulative inference queuing duration in microseconds",
+    "compute_input_duration_us": "Cumulative compute input duration in microseconds",
+    "compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
+    "compute_output_duration_us": "Cumulative inference compute output duration in microseconds",
+}
 
 
 @dataclass
@@ -31,6 +60,16 @@ class BatchDurations:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """One task version's part of an executed batch: its rows and each of its requests' queue time."""
+
+    task_id: str
+    version: str
+    rows: int
+    queue_ns: Sequence[int]
 
 
 @dataclass
@@ -109,10 +148,29 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Triton's names and labels, so its dashboards and perf_analyzer --collect-metrics read them.
+        self.triton = TritonCounters()
+        r.register(self.triton)
+        self.nv_pending = Gauge(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution per-model",
+            MODEL_LABELS,
+            registry=r,
+        )
+        r.register(HostCollector())
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Expose ``/metrics`` on ``port`` (0 picks a free one); returns the bound port."""
-        http, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Expose ``/metrics`` (only: 404 elsewhere) on ``addr:port`` (0 picks a free one); the bound port."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != METRICS_PATH:
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"not found: metrics are served at /metrics\n"]
+            return metrics(environ, start_response)
+
+        http = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=http.serve_forever, name="e2vpt-metrics", daemon=True).start()
         self._http = http
         return http.server_port
 
@@ -122,48 +180,61 @@ class ServerMetrics:
             self._http.server_close()
             self._http = None
 
-    def record_success(self, task_id: str, seconds: float) -> None:
+    def record_success(self, task_id: str, version: str, seconds: float) -> None:
         self.requests.labels(task_id, "success").inc()
         self.request_seconds.observe(seconds)
+        self.triton.add((task_id, version), request_success=1, request_duration_us=seconds * 1e6)
         with self._lock:
             stats = self._tasks[task_id]
             stats.success.add(int(seconds * 1e9))
             stats.last_inference_ms = int(time.time() * 1000)
 
-    def record_failure(self, task_id: str, code: str, seconds: float) -> None:
+    def record_failure(self, task_id: str, version: str | None, code: str, seconds: float) -> None:
+        """A failed request; ``version`` None for a task that is not loaded (no Triton series)."""
         self.requests.labels(task_id, "failure").inc()
         self.failures.labels(code).inc()
+        if version is not None:
+            self.triton.add((task_id, version), request_failure=1, request_duration_us=seconds * 1e6)
         with self._lock:
             self._tasks[task_id].fail.add(int(seconds * 1e9))
 
     def record_batch(
-        self,
-        rows_by_task: dict[str, int],
-        queue_ns_by_task: dict[str, list[int]],
-        input_ns: int,
-        infer_ns: int,
-        output_ns: int,
+        self, shares: Sequence[BatchShare], input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
-        """One executed batch: its size, phases, and which tasks (and how many of their rows) it held."""
-        rows = sum(rows_by_task.values())
-        self.batch_rows.observe(rows)
-        self.batch_tasks.observe(len(rows_by_task))
+        """One executed batch: its size and phases, charged in full to every request in it (Triton's way)."""
+        self.batch_rows.observe(sum(share.rows for share in shares))
+        self.batch_tasks.observe(len({share.task_id for share in shares}))
         self.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
-        for waits in queue_ns_by_task.values():
-            for wait in waits:
+        for share in shares:
+            for wait in share.queue_ns:
                 self.queue_seconds.observe(wait / 1e9)
+            requests = len(share.queue_ns)
+            self.images.labels(share.task_id).inc(share.rows)
+            self.triton.add(
+                (share.task_id, share.version),
+                count=share.rows,
+                exec_count=1,
+                queue_duration_us=sum(share.queue_ns) / 1e3,
+                compute_input_duration_us=requests * input_ns / 1e3,
+                compute_infer_duration_us=requests * infer_ns / 1e3,
+                compute_output_duration_us=requests * output_ns / 1e3,
+            )
         with self._lock:
-            for task_id, task_rows in rows_by_task.items():
-                stats = self._tasks[task_id]
-                requests = len(queue_ns_by_task.get(task_id, ()))
-                stats.inference_count += task_rows
-                self.images.labels(task_id).inc(task_rows)
-                stats.execution_count += 1
-                for wait in queue_ns_by_task.get(task_id, ()):
+            # Two versions of one task in a batch (a replacement mid-queue) are one execution of it.
+            rows_by_task: dict[str, int] = defaultdict(int)
+            for share in shares:
+                stats = self._tasks[share.task_id]
+                requests = len(share.queue_ns)
+                rows_by_task[share.task_id] += share.rows
+                stats.inference_count += share.rows
+                for wait in share.queue_ns:
                     stats.queue.add(wait)
-                stats.compute_input.add(input_ns, requests)
-                stats.compute_infer.add(infer_ns, requests)
-                stats.compute_output.add(output_ns, requests)
+                stats.compute_input.add(requests * input_ns, requests)
+                stats.compute_infer.add(requests * infer_ns, requests)
+                stats.compute_output.add(requests * output_ns, requests)
+            for task_id, rows in rows_by_task.items():
+                stats = self._tasks[task_id]
+                stats.execution_count += 1
                 batch = stats.batches[rows]
                 batch.compute_input.add(input_ns)
                 batch.compute_infer.add(infer_ns)
@@ -191,3 +262,63 @@ class ServerMetrics:
                     Duration(**vars(batch.compute_output)),
                 )
         return copy
+
+
+class TritonCounters(Collector):
+    """Triton's cumulative per-model counters, exposed under its exact names (``nv_inference_*``).
+
+    prometheus_client appends ``_total`` to every counter it exposes; Triton's names have no such
+    suffix, so these are kept here and exposed untyped under the names Triton uses."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[tuple[str, str], float]] = {
+            name: defaultdict(float) for name in TRITON_COUNTERS
+        }
+
+    def add(self, labels: tuple[str, str], **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._values[name][labels] += amount
+
+    def collect(self) -> Iterator[UnknownMetricFamily]:
+        with self._lock:
+            values = {name: dict(series) for name, series in self._values.items()}
+        for name, series in values.items():
+            family = UnknownMetricFamily(f"nv_inference_{name}", TRITON_COUNTERS[name], labels=MODEL_LABELS)
+            for labels, value in sorted(series.items()):
+                family.add_metric(list(labels), value)
+            yield family
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class HostCollector(Collector):
+    """Triton's host gauges, read at scrape time from /proc (Linux; absent elsewhere):
+    ``nv_cpu_utilization`` (0..1, all cores, since the previous scrape) and CPU memory."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            times = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        except (OSError, ValueError):
+            return
+        idle, total = times[3] + (times[4] if len(times) > 4 else 0), sum(times)
+        previous, self._last = self._last, (idle, total)
+        busy = 0.0
+        if previous is not None and total > previous[1]:
+            busy = 1.0 - (idle - previous[0]) / (total - previous[1])
+        yield GaugeMetricFamily("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", value=busy)
+        kib = {key: int(value.split()[0]) * 1024 for key, value in meminfo.items() if value.strip()}
+        total_bytes = kib.get("MemTotal", 0)
+        used = total_bytes - kib.get("MemAvailable", kib.get("MemFree", 0))
+        yield GaugeMetricFamily(
+            "nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes", value=total_bytes
+        )
+        yield GaugeMetricFamily("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes", value=used)
