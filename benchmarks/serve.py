@@ -140,7 +140,7 @@ def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -
         sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve",
         "--backbone", config.backbone, "--weights", "random", "--seed", str(config.seed), "--device", "cpu",
         "--task-dir", str(task_dir), "--model-control-mode", "explicit", "--load-task", "*",
-        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--no-http",
         "--max-batch-size", str(mode.max_batch_size), "--max-queue-delay-ms", str(mode.max_queue_delay_ms),
         "--batching", mode.batching, "--max-queue-size", "1024",
     ]  # fmt: skip

@@ -144,6 +144,16 @@ def build_engine(args: argparse.Namespace) -> InferenceEngine:
     return engine
 
 
+def _boolean(text: str) -> bool:
+    """Triton's boolean flags: ``--strict-readiness=false``, ``--exit-on-error true``, or bare."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-dir", required=True, help="directory of <task id>.safetensors packages")
     parser.add_argument("--host", default="0.0.0.0")
@@ -200,6 +210,22 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--idle-timeout-seconds", type=float, default=300.0, help="close connections idle this long"
     )
     parser.add_argument(
+        "--strict-readiness",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        help="ready only when every task that should be loaded is (Triton's flag; false: once up)",
+    )
+    parser.add_argument(
+        "--exit-on-error",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        help="exit at start if a task package fails to load (Triton's flag; false: serve the others)",
+    )
+    parser.add_argument(
         "--declared-input",
         choices=("pixels", "image", "input"),
         default="pixels",
@@ -232,6 +258,8 @@ def server_config(args: argparse.Namespace) -> Any:
         max_streams_per_connection=args.max_streams_per_connection,
         max_image_pixels=args.max_image_pixels,
         declared_input=args.declared_input,
+        strict_readiness=args.strict_readiness,
+        exit_on_error=args.exit_on_error,
         idle_timeout_seconds=args.idle_timeout_seconds,
         metrics_port=None if args.no_metrics else args.metrics_port,
         metrics_host=args.host,

@@ -69,13 +69,18 @@ def gradient_png(width: int, height: int) -> bytes:
 def served(backbone: Backbone, directory: Path, settings: dict[str, int]) -> Iterator[tuple[str, int]]:
     """`python -m runtime serve` of ``backbone`` and ``TASKS`` tasks, ``settings`` as its flags;
     yields its address and process id once it is ready."""
-    backbone.save(directory / "backbone.safetensors")
-    write_tasks(backbone, directory, TASKS)
+    # The weights beside, not inside, the task directory: every file there must be a task package.
+    weights = directory / "backbone" / "backbone.safetensors"
+    weights.parent.mkdir()
+    backbone.save(weights)
+    tasks = directory / "tasks"
+    tasks.mkdir()
+    write_tasks(backbone, tasks, TASKS)
     port = free_port()
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "serve", "--weights", str(directory / "backbone.safetensors"),
-         "--task-dir", str(directory), "--host", "127.0.0.1", "--port", str(port), "--no-metrics", *flags],
+        [sys.executable, "-m", "runtime", "serve", "--weights", str(weights), "--task-dir", str(tasks),
+         "--host", "127.0.0.1", "--port", str(port), "--no-metrics", "--no-http", *flags],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -57,3 +57,23 @@ def test_random_weights_take_the_architecture_the_packages_record(tmp_path, tiny
     write_tasks(tiny_backbone, tmp_path, 1)  # a second architecture: the user must name one
     assert cli.recorded_backbone(tmp_path) is None
     assert cli.recorded_backbone(tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (True, True)),
+        (["--strict-readiness=false", "--exit-on-error", "false"], (False, False)),
+        (["--strict-readiness", "--exit-on-error=1"], (True, True)),
+    ],
+)
+def test_tritons_readiness_flags(parsed, flags, expected):
+    cli.main(["serve", "--weights", "random", "--task-dir", "t", *flags])
+    config = cli.server_config(parsed[0])
+    assert (config.strict_readiness, config.exit_on_error) == expected
+
+
+def test_a_bad_boolean_is_refused(parsed, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--weights", "random", "--task-dir", "t", "--strict-readiness=maybe"])
+    assert "expected true or false" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_checkpoint_to_served_logits(exported: tuple[Path, Path, dict, torch.Ten
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "runtime", "serve", "--weights", str(backbone_file), "--task-dir", str(tasks),
-         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", "0"],
         cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -44,7 +44,7 @@ def test_sigterm_finishes_accepted_requests_and_exits_zero(tmp_path):
     command = [
         sys.executable, "-m", "runtime", "--log-format", "json", "serve", "--weights", str(weights),
         "--task-dir", str(tasks), "--host", "127.0.0.1", "--port", str(port),
-        "--metrics-port", str(metrics_port), "--max-batch-size", str(2 * REQUESTS),
+        "--metrics-port", str(metrics_port), "--http-port", "0", "--max-batch-size", str(2 * REQUESTS),
         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--grace-seconds", "30",
     ]  # fmt: skip
     process = subprocess.Popen(

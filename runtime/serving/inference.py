@@ -93,6 +93,8 @@ class InferenceService:
         ready: threading.Event,
         max_image_pixels: int,
         declared_input: str = "pixels",
+        strict_readiness: bool = True,
+        expects_tasks: bool = True,
     ) -> None:
         self.registry = registry
         self.batcher = batcher
@@ -104,6 +106,8 @@ class InferenceService:
         self.ready = ready
         self.limits = InputLimits(batcher.config.max_batch_size, max_image_pixels)
         self.declared_input = declared_input
+        self.strict_readiness = strict_readiness
+        self.expects_tasks = expects_tasks
         self._hidden_paths = (store.root,)
 
     # -- health and metadata -----------------------------------------------------------------------
@@ -112,7 +116,16 @@ class InferenceService:
         return True
 
     def server_ready(self) -> bool:
-        return self.ready.is_set()
+        """Started and warmed up (and not stopping). Under strict readiness (Triton's default) also
+        every task that should be loaded is: no package in the directory failed to load, and a
+        repository expected to hold tasks holds some. In-memory state only: safe on the loop."""
+        if not self.ready.is_set():
+            return False
+        if not self.strict_readiness:
+            return True
+        if self.store.failures():
+            return False
+        return len(self.registry) > 0 or not self.expects_tasks
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata()
@@ -122,7 +135,7 @@ class InferenceService:
             self._entry(name, version)
         except ServingError:
             return False
-        return self.server_ready()
+        return self.ready.is_set()  # a loaded task is ready once the engine is warm, whatever its siblings
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         return metadata_of(self._entry(name, version), self.declared_input)

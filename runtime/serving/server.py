@@ -13,9 +13,11 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos import POOL
 from protos import grpc_service_pb2_grpc as pb_grpc
+from runtime.core.files import shown
 from runtime.engines.base import InferenceEngine
 from runtime.serving.admission import Admission, BoundedPool
 from runtime.serving.batcher import Batcher, BatcherConfig
@@ -77,6 +80,10 @@ class ServerConfig:
     # The one input metadata and config declare (all three forms are accepted): ``pixels`` as
     # [S, S, 3] lets perf_analyzer make up requests with no --shape or data file.
     declared_input: str = "pixels"
+    # Triton's --strict-readiness: ready only when every task that should be loaded is; and
+    # --exit-on-error: a package that fails to load at start stops the start.
+    strict_readiness: bool = True
+    exit_on_error: bool = True
     # None: no metrics endpoint; 0: a free port (``server.metrics_port`` tells which).
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
@@ -117,6 +124,8 @@ class ServerConfig:
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_seconds * 1000)),
             ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+            # The port is this server's alone: a second server on it fails to start, as Triton does.
+            ("grpc.so_reuseport", 0),
         ]
 
 
@@ -135,6 +144,26 @@ def tls_credentials(cert: str | Path | None, key: str | Path | None) -> grpc.Ser
             f"TLS certificate {cert.name} or key {key.name} is not usable PEM ({error.reason or error})"
         ) from None
     return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+
+
+class ReadinessHealth(health.aio.HealthServicer):
+    """gRPC health from the service's readiness at every Check (strict readiness included): never
+    SERVING before the server is ready, nor while a task that should be loaded is not."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self._ready = ready
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE_NAME):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {shown(request.service)}")
+        serving = self._ready() and not self._gracefully_shutting_down
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
 
 
 class InferenceServer:
@@ -177,8 +206,10 @@ class InferenceServer:
             ready=self.readiness,
             max_image_pixels=config.max_image_pixels,
             declared_input=config.declared_input,
+            strict_readiness=config.strict_readiness,
+            expects_tasks=config.model_control_mode != "explicit" or bool(config.load_tasks),
         )
-        self.health = health.aio.HealthServicer()
+        self.health = ReadinessHealth(self.service.server_ready)
         self.http = HttpFrontEnd(self.service, config.max_message_mb * 2**20, config.grace_seconds)
         self.port: int | None = None
         self.http_port: int | None = None
@@ -187,40 +218,76 @@ class InferenceServer:
         self._becoming_ready: asyncio.Future[None] | None = None
 
     async def start(self) -> int:
-        """Load tasks, start the batcher and bind the port (0 picks a free one); returns the port.
+        """Load tasks, start the batcher and bind the ports (0 picks a free one); returns the gRPC port.
 
         The server is ready once the computing thread has warmed the engine up: before this
-        returns with ``batcher_thread``, else once the caller's ``batcher.run()`` has done so."""
+        returns with ``batcher_thread``, else once the caller's ``batcher.run()`` has done so.
+        A start that fails (a package with ``exit_on_error``, a port in use) releases what it began."""
         cfg = self.config
         credentials = tls_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert or cfg.tls_key else None
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.loader_pool, self.store.start, cfg.load_tasks, cfg.poll_seconds)
-        if cfg.batcher_thread:
-            self.batcher.start()
-        else:
-            self.batcher.open()
-        self._server = grpc.aio.server(
-            options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.concurrent_rpcs
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server, pool=POOL
-        )
-        address = f"{cfg.host}:{cfg.port}"
-        if credentials is not None:
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        await self._server.start()
-        if cfg.http_port is not None:
-            self.http_port = await self.http.start(cfg.host, cfg.http_port)
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+        try:
+            await loop.run_in_executor(self.loader_pool, self.store.start, cfg.load_tasks, cfg.poll_seconds)
+            failed = self.store.failures()
+            if failed and cfg.exit_on_error:
+                reasons = "; ".join(f"{task}: {reason}" for task, reason in sorted(failed.items())[:3])
+                raise RuntimeError(
+                    f"{len(failed)} task package(s) failed to load ({reasons}); fix or remove them, "
+                    "or start with --exit-on-error false to serve the others"
+                )
+            self._server = self._grpc_server()
+            self.port = self._bind(self._server, f"{cfg.host}:{cfg.port}", credentials)
+            if cfg.batcher_thread:
+                self.batcher.start()
+            else:
+                self.batcher.open()
+            await self._server.start()
+            if cfg.http_port is not None:
+                self.http_port = await self.http.start(cfg.host, cfg.http_port)
+            if cfg.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+        except BaseException:
+            await self._release()
+            raise
         self._becoming_ready = asyncio.ensure_future(self._ready_once_warm(tls=credentials is not None))
         if cfg.batcher_thread:
             await self._becoming_ready
         return self.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        cfg = self.config
+        server = grpc.aio.server(options=cfg.grpc_options(), maximum_concurrent_rpcs=cfg.concurrent_rpcs)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
+        )
+        return server
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """The bound port; gRPC itself only says "Failed to bind" (or returns 0)."""
+        try:
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise OSError(f"cannot bind the gRPC port {address}: it is in use or not an address of this host")
+        return int(port)
+
+    async def _release(self) -> None:
+        """Stop whatever a failed start began (servers, batcher, poller, pools)."""
+        if self._server is not None:
+            await self._server.stop(None)
+        await self.http.stop()
+        self.batcher.stop(0)
+        self.store.stop()
+        self.metrics.close()
+        self.preprocess_pool.shutdown()
+        self.loader_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _ready_once_warm(self, tls: bool) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.warmed.wait)
