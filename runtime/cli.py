@@ -175,6 +175,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-queue-size", type=int, default=256)
     parser.add_argument(
+        "--priority-levels",
+        type=int,
+        default=0,
+        help="Triton's request priority levels, 1 the highest (0: one first-come, first-served queue)",
+    )
+    parser.add_argument(
+        "--default-priority-level",
+        type=int,
+        default=0,
+        help="level of requests that name no priority (0: the lowest level)",
+    )
+    parser.add_argument(
         "--batching",
         choices=BATCHING_MODES,
         default="mixed",
@@ -249,6 +261,8 @@ def server_config(args: argparse.Namespace) -> Any:
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
+        priority_levels=args.priority_levels,
+        default_priority_level=args.default_priority_level,
         batching=args.batching,
         grace_seconds=args.grace_seconds,
         max_message_mb=args.max_message_mb,

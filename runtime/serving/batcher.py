@@ -61,12 +61,25 @@ class BatcherConfig:
     max_queue_size: int = 256
     batching: str = "mixed"
     threads: int | None = None
+    # Triton's priority levels: 1 is the highest; a request without one (priority 0) takes the
+    # default level (0 here: the lowest). 0 levels: one first-come, first-served queue.
+    priority_levels: int = 0
+    default_priority_level: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
             raise ValueError(f"invalid batcher settings {self}")
+        if self.priority_levels < 0 or not 0 <= self.default_priority_level <= self.priority_levels:
+            raise ValueError(
+                f"default priority level {self.default_priority_level} "
+                f"must be within 0..{self.priority_levels}"
+            )
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching {self.batching!r} is not one of {BATCHING_MODES}")
+
+    def level(self, priority: int) -> int:
+        """The queue level of a request's ``priority`` (0: the default level)."""
+        return priority or self.default_priority_level or self.priority_levels
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class _Request:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     deadline: float | None
+    level: int = 0
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
     @property
@@ -144,18 +158,20 @@ class Batcher:
     def full(self) -> bool:
         return len(self._queue) >= self.config.max_queue_size
 
-    async def infer(self, entry: TaskEntry, images: Tensor, deadline: float | None = None) -> BatchResult:
+    async def infer(
+        self, entry: TaskEntry, images: Tensor, deadline: float | None = None, priority: int = 0
+    ) -> BatchResult:
         """Queue ``images [N, 3, S, S]`` to run under ``entry`` and await its logits; never blocks the loop.
 
         ``entry`` must stay held (``TaskRegistry.hold``) until this returns; ``deadline`` is a
-        ``time.monotonic()`` instant.
+        ``time.monotonic()`` instant; ``priority`` a level (1 highest) or 0 for the default one.
         """
         if images.shape[0] > self.config.max_batch_size:
             raise ValueError(
                 f"batch of {images.shape[0]} images exceeds max_batch_size {self.config.max_batch_size}"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(entry, images, loop.create_future(), loop, deadline)
+        request = _Request(entry, images, loop.create_future(), loop, deadline, self.config.level(priority))
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
@@ -188,8 +204,11 @@ class Batcher:
                 if self._stopping:
                     return None
                 self._cond.wait(IDLE_WAKE_SECONDS)
-            batch = [self._queue.popleft()]
-            self._pending(batch[0]).dec()
+            first = self._best(None)
+            assert first is not None  # the queue is not empty
+            self._queue.remove(first)
+            self._pending(first).dec()
+            batch = [first]
             rows = batch[0].rows
             close_at = batch[0].enqueued_ns / 1e9 + cfg.max_queue_delay
             while rows < cfg.max_batch_size:
@@ -214,9 +233,19 @@ class Batcher:
 
     def _candidate(self, task_id: str) -> _Request | None:
         """The next queued request that may join a batch opened by ``task_id``."""
-        if self.config.batching == "mixed":
-            return self._queue[0] if self._queue else None
-        return next((request for request in self._queue if request.task_id == task_id), None)
+        return self._best(None if self.config.batching == "mixed" else task_id)
+
+    def _best(self, task_id: str | None) -> _Request | None:
+        """The oldest queued request (of ``task_id``, if given) of the highest priority level."""
+        best = None
+        for request in self._queue:  # oldest first; the queue is bounded by max_queue_size
+            if (task_id is None or request.task_id == task_id) and (
+                best is None or request.level < best.level
+            ):
+                best = request
+                if best.level <= 1:
+                    break
+        return best
 
     def run(self) -> None:
         """Run batches on this thread until ``stop()``, after the queue has drained."""

@@ -54,6 +54,7 @@ def infer_request(message: pb.ModelInferRequest) -> InferRequest:
         id=message.id,
         inputs=inputs,
         outputs=outputs,
+        parameters=parameters(message.parameters),
     )
 
 
@@ -99,7 +100,7 @@ def model_config(config: ModelConfiguration) -> mc.ModelConfig:
         platform=config.platform,
         backend=config.backend,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        max_batch_size=config.max_batch_size,
+        max_batch_size=config.queue.max_batch_size,
         input=[
             mc.ModelInput(
                 name=tensor.name,
@@ -119,7 +120,15 @@ def model_config(config: ModelConfiguration) -> mc.ModelConfig:
             )
             for tensor in config.outputs
         ],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=config.max_queue_delay_us),
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=config.queue.max_queue_delay_us,
+            priority_levels=config.queue.priority_levels,
+            default_priority_level=config.queue.default_priority_level,
+            # Per-request timeouts (the ``timeout`` parameter) reject a request still queued.
+            default_queue_policy=mc.ModelQueuePolicy(
+                allow_timeout_override=True, max_queue_size=config.queue.max_queue_size
+            ),
+        ),
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{config.name}_0", kind=mc.ModelInstanceGroup.Kind.Value(config.instance_kind), count=1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf import json_format
@@ -83,8 +84,10 @@ def infer_request(
     request_id = message.get("id", "")
     if not isinstance(request_id, str):
         raise InputError("'id' must be a string")
-    request = InferRequest(model_name, inputs, model_version, request_id, outputs)
-    return request, bool(request_params.get(BINARY_ALL_OUTPUTS, False))
+    binary_default = bool(request_params.pop(BINARY_ALL_OUTPUTS, False))  # HTTP's encoding, not the answer
+    return InferRequest(
+        model_name, inputs, model_version, request_id, outputs, request_params
+    ), binary_default
 
 
 def without_encoding(request: InferRequest) -> tuple[InferRequest, list[bool]]:
@@ -96,9 +99,7 @@ def without_encoding(request: InferRequest) -> tuple[InferRequest, list[bool]]:
         )
         for output in request.outputs
     ]
-    return InferRequest(
-        request.model_name, request.inputs, request.model_version, request.id, outputs
-    ), binary
+    return replace(request, outputs=outputs), binary
 
 
 def infer_response(response: InferResponse, binary: Sequence[bool]) -> tuple[bytes, int | None]:
@@ -239,7 +240,7 @@ def _parameters(value: Any, where: str) -> Parameters:
         isinstance(v, bool | int | float | str) for v in value.values()
     ):
         raise InputError(f"{where} must be an object of booleans, numbers and strings")
-    return value
+    return dict(value)
 
 
 def _flat(data: Any, datatype: str) -> list[Any]:

@@ -36,6 +36,7 @@ from runtime.serving.model_info import (
     ModelConfiguration,
     ModelMetadata,
     ModelStatistics,
+    QueueSettings,
     ServerMetadata,
     configuration_of,
     metadata_of,
@@ -52,6 +53,7 @@ from runtime.serving.protocol import (
     Pixels,
     encode_outputs,
     parse_input,
+    parse_options,
     parse_outputs,
 )
 from runtime.serving.task_store import IndexEntry, TaskStore
@@ -145,8 +147,13 @@ class InferenceService:
         return configuration_of(
             self._entry(name, version),
             self.declared_input,
-            config.max_batch_size,
-            round(config.max_queue_delay * 1e6),
+            QueueSettings(
+                config.max_batch_size,
+                round(config.max_queue_delay * 1e6),
+                config.max_queue_size,
+                config.priority_levels,
+                config.level(0),
+            ),
             self.registry.backbone.device.type,
         )
 
@@ -232,11 +239,15 @@ class InferenceService:
                         Status.UNAVAILABLE,
                         f"queue is full ({self.batcher.config.max_queue_size} requests waiting); retry later",
                     )
+                options = parse_options(request.parameters, self.batcher.config.priority_levels)
+                if options.timeout_us:  # Triton's queue timeout: whichever of the two comes first
+                    timeout = time.monotonic() + options.timeout_us / 1e6
+                    deadline = timeout if deadline is None else min(deadline, timeout)
                 admitted = await self._admit(request, deadline)
                 entry = admitted.entry
                 label, version = entry.task_id, str(entry.version)
                 try:
-                    result = await self.batcher.infer(entry, admitted.images, deadline)
+                    result = await self.batcher.infer(entry, admitted.images, deadline, options.priority)
                 finally:
                     self.registry.release(entry)
             outputs = encode_outputs(result.logits, admitted.outputs, entry.info.labels)

@@ -55,14 +55,24 @@ class ConfigTensor:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """The dynamic batcher's settings as Triton's config reports them (``dynamic_batching``)."""
+
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+    priority_levels: int
+    default_priority_level: int
+
+
+@dataclass(frozen=True)
 class ModelConfiguration:
     name: str
     platform: str
     backend: str
-    max_batch_size: int
     inputs: tuple[ConfigTensor, ...]
     outputs: tuple[ConfigTensor, ...]
-    max_queue_delay_us: int
+    queue: QueueSettings
     instance_kind: str
     parameters: dict[str, str] = field(default_factory=dict)
 
@@ -91,7 +101,7 @@ def metadata_of(entry: TaskEntry, declared_input: str) -> ModelMetadata:
 
 
 def configuration_of(
-    entry: TaskEntry, declared_input: str, max_batch_size: int, max_queue_delay_us: int, device_type: str
+    entry: TaskEntry, declared_input: str, queue: QueueSettings, device_type: str
 ) -> ModelConfiguration:
     info, pre = entry.info, entry.info.preprocess
     declared = INPUTS[declared_input]
@@ -114,7 +124,6 @@ def configuration_of(
         name=entry.task_id,
         platform=PLATFORM,
         backend="e2vpt",
-        max_batch_size=max_batch_size,
         inputs=(
             ConfigTensor(
                 declared.name,
@@ -128,7 +137,7 @@ def configuration_of(
                 OUTPUT_NAME, "FP32", (entry.num_classes,), label_filename="labels" if info.labels else ""
             ),
         ),
-        max_queue_delay_us=max_queue_delay_us,
+        queue=queue,
         instance_kind="KIND_GPU" if device_type == "cuda" else "KIND_CPU",
         parameters=parameters,
     )

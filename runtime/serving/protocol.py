@@ -77,11 +77,14 @@ class RequestedOutput:
 
 @dataclass(frozen=True)
 class InferRequest:
+    """``parameters``: the request's own (Triton's ``priority``, ``timeout``; see ``parse_options``)."""
+
     model_name: str
     inputs: Sequence[InputTensor]
     model_version: str = ""
     id: str = ""
     outputs: Sequence[RequestedOutput] = ()
+    parameters: Mapping[str, bool | int | float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,47 @@ def _array(tensor: InputTensor, dtype: np.dtype, shape: list[int]) -> np.ndarray
     if dtype == np.uint8 and values.size and (int(values.min()) < 0 or int(values.max()) > 255):
         raise InputError(f"input {tensor.name!r} holds values outside 0..255, which UINT8 cannot")
     return values.astype(dtype, copy=False).reshape(shape)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """A request's queue controls: ``priority`` 0 means the default level; ``timeout_us`` 0 none."""
+
+    priority: int = 0
+    timeout_us: int = 0
+
+
+# Request parameters tritonclient sends for sequences; only "no sequence" is served here.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+REQUEST_PARAMETERS = ("priority", "timeout", *SEQUENCE_PARAMETERS)
+
+
+def parse_options(parameters: Mapping[str, bool | int | float | str], priority_levels: int) -> RequestOptions:
+    """Triton's request parameters: ``priority`` (1 is the highest of ``priority_levels``; 0 the
+    default level) and ``timeout`` (microseconds in the queue). Others are refused, not ignored."""
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise InputError(
+            f"unknown request parameters {', '.join(shown(name) for name in unknown[:4])}; "
+            f"known: {', '.join(REQUEST_PARAMETERS)}"
+        )
+    if any(parameters.get(name) not in (None, 0, "", False) for name in SEQUENCE_PARAMETERS):
+        raise InputError("sequence batching is not supported: tasks are stateless, send no sequence_id")
+    priority = _whole(parameters, "priority")
+    if priority and not priority_levels:
+        raise InputError("priority is not enabled on this server (start it with --priority-levels N)")
+    if priority > priority_levels:
+        raise InputError(f"priority {priority} is not a level: use 1 (highest) .. {priority_levels}, or 0")
+    return RequestOptions(priority, _whole(parameters, "timeout"))
+
+
+def _whole(parameters: Mapping[str, bool | int | float | str], name: str) -> int:
+    value = parameters.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(
+            f"request parameter {name!r} must be a non-negative integer, got {str(value)[:32]!r}"
+        )
+    return value
 
 
 def parse_outputs(outputs: Sequence[RequestedOutput], task_id: str) -> list[OutputRequest]:

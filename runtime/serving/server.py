@@ -70,6 +70,9 @@ class ServerConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
+    # Triton's priority levels (1 highest; 0: none) and the level of requests that name none (0: lowest).
+    priority_levels: int = 0
+    default_priority_level: int = 0
     batching: str = "mixed"
     threads: int | None = None
     # False: the caller computes, calling ``server.batcher.run()`` on its own thread after start().
@@ -182,6 +185,8 @@ class InferenceServer:
                 config.max_queue_size,
                 config.batching,
                 config.threads,
+                config.priority_levels,
+                config.default_priority_level,
             ),
             self.metrics,
         )
