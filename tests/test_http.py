@@ -10,6 +10,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server_helpers import normalized_images, png_bytes, start_server, write_tasks
+from runtime.serving.server import BackgroundServer, InferenceServer, ServerConfig
+from tests.server_helpers import (
+    RecordingEngine,
+    normalized_images,
+    png_bytes,
+    reference_engine,
+    start_server,
+    write_tasks,
+)
 
 TASKS = 3
 
@@ -302,4 +311,22 @@ def test_model_control_none_refuses_load_and_unload_with_503(tiny_backbone, tmp_
         triton = httpclient.InferenceServerClient(f"127.0.0.1:{running.http_port}")
         expect_status(503, "not allowed", triton.load_model, "task-0")
         expect_status(503, "not allowed", triton.unload_model, "task-0")
+        triton.close()
+
+
+def test_concurrent_http_calls_are_bounded_before_bodies_are_read(tiny_backbone, tmp_path):
+    packages = write_tasks(tiny_backbone, tmp_path, 1)
+    size = packages[0].preprocess.input_size
+    engine = RecordingEngine(reference_engine(tiny_backbone, []))
+    engine.release.clear()
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, task_dir=tmp_path, max_concurrent_rpcs=1)
+    with BackgroundServer(InferenceServer(engine, config)) as server, ThreadPoolExecutor(1) as pool:
+        triton = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        held = pool.submit(triton.infer, "task-0", [fp32_input(normalized_images(1, size, 0))])
+        assert engine.started.wait(10)
+        status, _, body = http(server, "GET", "/v2/health/live")
+        assert status == 503 and "more than 1 HTTP calls at once" in json.loads(body)["error"]
+        engine.release.set()
+        assert held.result(30).as_numpy("logits").shape == (1, packages[0].num_classes)
+        assert http(server, "GET", "/v2/health/live")[0] == 200
         triton.close()

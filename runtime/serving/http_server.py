@@ -58,32 +58,44 @@ def _state(ok: bool) -> web.Response:
     return web.Response(status=200 if ok else 400)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure as Triton's ``{"error": ...}`` body: service errors, bad JSON, aiohttp's own."""
-    try:
-        return await handler(request)
-    except ServingError as error:
-        return error_response(HTTP_STATUS[error.status], error.message)
-    except InputError as error:
-        return error_response(400, str(error)[:1024])
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        return error_response(error.status, error.reason)
-
-
 class HttpFrontEnd:
-    """Routes of the v2 HTTP API; ``application()`` builds the aiohttp app for ``serve``."""
+    """Routes of the v2 HTTP API; ``application()`` builds the aiohttp app for ``serve``.
 
-    def __init__(self, service: InferenceService, max_body_bytes: int, grace_seconds: float) -> None:
+    At most ``max_concurrent`` calls are handled at once (beyond: 503 before the body is read),
+    so HTTP bodies are bounded in total as gRPC messages are by ``--max-concurrent-rpcs``."""
+
+    def __init__(
+        self, service: InferenceService, max_body_bytes: int, grace_seconds: float, max_concurrent: int
+    ) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.grace_seconds = grace_seconds
+        self.max_concurrent = max_concurrent
+        self._active = 0
         self._runner: web.AppRunner | None = None
 
+    @web.middleware
+    async def _limits_and_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The concurrency limit, and every failure as Triton's ``{"error": ...}`` body (service
+        errors, malformed bodies, aiohttp's own refusals)."""
+        if self._active >= self.max_concurrent:
+            return error_response(503, f"more than {self.max_concurrent} HTTP calls at once; retry later")
+        self._active += 1  # the event loop is the only thread here: no lock needed
+        try:
+            return await handler(request)
+        except ServingError as error:
+            return error_response(HTTP_STATUS[error.status], error.message)
+        except InputError as error:
+            return error_response(400, str(error)[:1024])
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return error_response(error.status, error.reason)
+        finally:
+            self._active -= 1
+
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_errors], client_max_size=self.max_body_bytes)
+        app = web.Application(middlewares=[self._limits_and_errors], client_max_size=self.max_body_bytes)
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         app.router.add_get("/v2", self.server_metadata)

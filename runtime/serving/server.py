@@ -97,7 +97,8 @@ class ServerConfig:
     # waiting for or in decoding; beyond either, UNAVAILABLE at once.
     max_inflight: int = 512
     max_preprocess_backlog: int = 64
-    # gRPC limits: concurrent RPCs of all kinds (None: max_inflight + CONTROL_RPC_HEADROOM),
+    # gRPC limits: concurrent RPCs of all kinds (None: max_inflight + CONTROL_RPC_HEADROOM; the
+    # HTTP front end takes the same limit for its calls),
     # concurrent streams per connection, and how long a connection may stay idle.
     max_concurrent_rpcs: int | None = None
     max_streams_per_connection: int = 128
@@ -113,7 +114,8 @@ class ServerConfig:
         message, every admitted request at most a decoded batch of ``input_size`` images, and
         each decoding thread one image of at most ``max_image_pixels``."""
         message = largest_request_bytes or self.max_message_mb * 2**20
-        calls = self.concurrent_rpcs * (message + CALL_OVERHEAD_BYTES)
+        front_ends = 2 if self.http_port is not None else 1  # each holds up to concurrent_rpcs calls
+        calls = front_ends * self.concurrent_rpcs * (message + CALL_OVERHEAD_BYTES)
         decoded = self.max_inflight * self.max_batch_size * 3 * input_size**2 * 4
         decoding = self.preprocess_threads * self.max_image_pixels * DECODE_BYTES_PER_PIXEL
         return calls + decoded + decoding + BASE_SLACK_BYTES
@@ -215,7 +217,9 @@ class InferenceServer:
             expects_tasks=config.model_control_mode != "explicit" or bool(config.load_tasks),
         )
         self.health = ReadinessHealth(self.service.server_ready)
-        self.http = HttpFrontEnd(self.service, config.max_message_mb * 2**20, config.grace_seconds)
+        self.http = HttpFrontEnd(
+            self.service, config.max_message_mb * 2**20, config.grace_seconds, config.concurrent_rpcs
+        )
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
