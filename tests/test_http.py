@@ -105,7 +105,13 @@ def test_health_metadata_config_and_statistics(server, client, grpc_client, pack
     ]
     config = client.get_model_config("task-1")
     assert config["max_batch_size"] == 16
-    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "20000"
+    # 64-bit integers as JSON numbers, as Triton writes its config (perf_analyzer reads them so).
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+    size = packages[1].preprocess.input_size
+    assert config["input"] == [
+        {"name": "pixels", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": [size, size, 3]}
+    ]
+    assert config["output"][0]["dims"] == [packages[1].num_classes]
     assert config["parameters"]["input_size"]["string_value"] == str(packages[1].preprocess.input_size)
     stats = client.get_inference_statistics()["model_stats"]
     assert {s["name"] for s in stats} >= {f"task-{i}" for i in range(TASKS)}

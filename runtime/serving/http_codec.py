@@ -15,6 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from runtime.serving import grpc_codec
 from runtime.serving.metrics import Duration
@@ -144,8 +146,45 @@ def model_metadata(metadata: ModelMetadata) -> dict[str, Any]:
 
 
 def model_config(config: ModelConfiguration) -> dict[str, Any]:
-    """Triton's JSON form of the configuration: the protobuf's fields under their proto names."""
-    return json_format.MessageToDict(grpc_codec.model_config(config), preserving_proto_field_name=True)
+    """Triton's JSON form of the configuration: the protobuf's fields under their proto names, and
+    64-bit integers as JSON numbers (protobuf's JSON writes them as strings; Triton, and the
+    clients that read its config such as perf_analyzer, use numbers)."""
+    message = grpc_codec.model_config(config)
+    return _int64_as_numbers(message, json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(message: Message, value: dict[str, Any]) -> dict[str, Any]:
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in value:
+            continue
+        if field.type in INT64_TYPES:
+            value[field.name] = (
+                [int(v) for v in value[field.name]] if _repeated(field) else int(value[field.name])
+            )
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            nested = getattr(message, field.name)
+            if _repeated(field):
+                value[field.name] = [
+                    _int64_as_numbers(m, v) for m, v in zip(nested, value[field.name], strict=True)
+                ]
+            else:
+                value[field.name] = _int64_as_numbers(nested, value[field.name])
+    return value
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
 
 
 def _duration(value: Duration) -> dict[str, int]:
