@@ -247,6 +247,23 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM private key for TLS on --port")
 
 
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scale-out", "replicas on a cluster engine (docs/scaling.md)")
+    group.add_argument(
+        "--cluster",
+        choices=("none", "ray"),
+        default="none",
+        help="ray: --replicas replicas on Ray Serve behind its gRPC proxy on --port (needs .[ray])",
+    )
+    group.add_argument("--replicas", type=int, default=1, help="with --cluster ray")
+    group.add_argument(
+        "--reconcile-seconds",
+        type=float,
+        default=0.5,
+        help="with --cluster ray, explicit mode: how often each replica applies the shared repository state",
+    )
+
+
 def server_config(args: argparse.Namespace) -> Any:
     from runtime.serving.server import ServerConfig
 
@@ -289,6 +306,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     The main thread is the only one that computes with many intra-op threads (runtime/serving/threads.py).
     SIGTERM/SIGINT start the graceful stop; ``batcher.run()`` returns once the queue has drained.
     """
+    if args.cluster == "ray":
+        from runtime.scaleout.ray_app import serve_forever
+
+        return serve_forever(args)
     from runtime.serving.server import BackgroundServer, InferenceServer
 
     use_compute_threads(args.threads)
@@ -450,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_backbone_args(serve)
     add_server_args(serve)
+    add_cluster_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser(
