@@ -1,0 +1,240 @@
+"""Scale-out on Ray Serve: the latency Ray's gRPC proxy adds, and throughput of 1 vs 2 replicas.
+
+    python -m benchmarks.scaleout [--quick]
+
+The direct server is ``python -m runtime serve`` in its own process; the Ray application is
+``runtime.scaleout.ray_app`` on a local Ray instance, both on the embedded default backbone (ViT-Ti/16,
+random weights) with the demo tasks and the same batching settings, queried with tritonclient
+(uint8 pixels, one image a request, tasks in turn). Latency: sequential requests (concurrency 1),
+p50 of the proxy minus p50 of the direct server. Throughput: requests answered per second by
+``concurrency`` requests kept in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    benchmark_parser,
+    config_record,
+    free_port,
+    machine,
+    parse_config,
+    summarize,
+    target,
+    wait_until_ready,
+)
+from benchmarks.report import Panel, Report, Table, iqr_ms, publish
+
+ADDED_P50_LIMIT_MS = 3.0
+
+
+@dataclass(frozen=True)
+class Config:
+    latency_requests: int = 300
+    throughput_seconds: float = 15.0
+    concurrency: int = 16
+    tasks: int = 4
+    max_queue_delay_ms: float = 2.0
+    seed: int = 0
+    output_dir: Path | None = RESULTS_DIR
+
+
+QUICK = {"latency_requests": 40, "throughput_seconds": 3.0, "output_dir": RESULTS_DIR / "quick"}
+
+
+def serve_argv(task_dir: Path, port: int, config: Config) -> list[str]:
+    return [
+        "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--seed", str(config.seed),
+        "--task-dir", str(task_dir), "--host", "127.0.0.1", "--port", str(port), "--no-metrics",
+        "--http-port", str(free_port()), "--max-queue-delay-ms", str(config.max_queue_delay_ms),
+    ]  # fmt: skip
+
+
+def latency(url: str, tasks: list[str], pixels: np.ndarray, count: int) -> list[float]:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        tensor = grpcclient.InferInput("pixels", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        for task in tasks:  # warm every path once
+            client.infer(task, [tensor])
+        samples = []
+        for index in range(count):
+            started = time.perf_counter()
+            client.infer(tasks[index % len(tasks)], [tensor])
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def throughput(url: str, tasks: list[str], pixels: np.ndarray, concurrency: int, seconds: float) -> float:
+    from tritonclient.grpc import aio as aioclient
+
+    async def run() -> float:
+        async with aioclient.InferenceServerClient(url) as client:
+            tensor = aioclient.InferInput("pixels", list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            done = 0
+            stop_at = time.perf_counter() + seconds
+
+            async def worker(offset: int) -> None:
+                nonlocal done
+                index = offset
+                while time.perf_counter() < stop_at:
+                    await client.infer(tasks[index % len(tasks)], [tensor])
+                    done += 1
+                    index += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+            return done / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def measure(config: Config) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from runtime.demo import default_backbone, write_demo_tasks
+    from runtime.scaleout.ray_app import APP_NAME, serve_args, start
+
+    pixels = np.random.default_rng(config.seed).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as scratch:
+        task_dir = Path(scratch)
+        tasks = sorted(
+            p.name.removesuffix(".safetensors")
+            for p in write_demo_tasks(default_backbone(), task_dir, config.tasks)
+        )
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "runtime",
+            "--log-level",
+            "WARNING",
+            "serve",
+            *serve_argv(task_dir, port, config),
+        ]
+        direct: dict[str, Any] = {}
+        with subprocess.Popen(argv, stderr=subprocess.PIPE) as process:
+            try:
+                url = f"127.0.0.1:{port}"
+                wait_until_ready(url, process, timeout=120)
+                direct["latency"] = latency(url, tasks, pixels, config.latency_requests)
+                direct["throughput"] = throughput(
+                    url, tasks, pixels, config.concurrency, config.throughput_seconds
+                )
+            finally:
+                process.terminate()
+        ray_port = free_port()
+        proxied: dict[int, dict[str, Any]] = {}
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            for replicas in (1, 2):
+                args = serve_args(
+                    [*serve_argv(task_dir, ray_port, config), "--cluster", "ray", "--replicas", str(replicas)]
+                )
+                start(args)
+                url = f"127.0.0.1:{ray_port}"
+                record: dict[str, Any] = {}
+                if replicas == 1:
+                    record["latency"] = latency(url, tasks, pixels, config.latency_requests)
+                record["throughput"] = throughput(
+                    url, tasks, pixels, config.concurrency, config.throughput_seconds
+                )
+                proxied[replicas] = record
+                serve.delete(APP_NAME)  # its replicas hold the CPUs the next deployment asks for
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return {"direct": direct, "ray": proxied}
+
+
+def results_of(config: Config, measured: dict[str, Any]) -> dict[str, Any]:
+    direct, ray_one, ray_two = measured["direct"], measured["ray"][1], measured["ray"][2]
+    direct_latency, proxy_latency = summarize(direct["latency"]), summarize(ray_one["latency"])
+    added_ms = (proxy_latency["median"] - direct_latency["median"]) * 1000
+    rows = [
+        {"path": "direct server", "replicas": 1, "p50 ms": direct_latency["median"] * 1000,
+         "IQR ms": iqr_ms(direct_latency), "requests/s": direct["throughput"]},
+        {"path": "Ray proxy", "replicas": 1, "p50 ms": proxy_latency["median"] * 1000,
+         "IQR ms": iqr_ms(proxy_latency), "requests/s": ray_one["throughput"]},
+        {"path": "Ray proxy", "replicas": 2, "p50 ms": "-", "IQR ms": "-",
+         "requests/s": ray_two["throughput"]},
+    ]  # fmt: skip
+    return {
+        "benchmark": "scaleout",
+        "machine": machine(),
+        "config": config_record(config),
+        "rows": rows,
+        "added_p50_ms": added_ms,
+        "scaling_2_over_1": ray_two["throughput"] / ray_one["throughput"],
+        "targets": [target("proxy's added p50 latency (ms), concurrency 1", added_ms, ADDED_P50_LIMIT_MS)],
+    }
+
+
+def build_report(results: dict[str, Any]) -> Report:
+    config = results["config"]
+    return Report(
+        name="scaleout",
+        title="Scale-out on Ray Serve: proxy latency and replica throughput",
+        machine=results["machine"],
+        sections=[
+            Table(results["targets"], title="Targets"),
+            Table(
+                results["rows"],
+                title="Direct server vs Ray Serve's gRPC proxy",
+                text=(
+                    f"ViT-Ti/16 (random weights), {config['tasks']} demo tasks, one 224x224 uint8 image a "
+                    f"request; latency: {config['latency_requests']} sequential requests; throughput: "
+                    f"{config['concurrency']} requests in flight for {config['throughput_seconds']} s."
+                ),
+                note=(
+                    f"2 replicas / 1 replica: {results['scaling_2_over_1']:.2f}x. On this 2-core machine "
+                    "both replicas, the proxy, the client and Ray's controller share two cores (one compute "
+                    "thread per replica), so little gain is expected; with a replica per free core (or per "
+                    "GPU) throughput grows with replicas until the proxy's CPU is the limit."
+                ),
+            ),
+        ],
+        panels=[
+            Panel(
+                [r for r in results["rows"] if r["path"] == "Ray proxy"],
+                x="replicas",
+                y=["requests/s"],
+                ylabel="requests/s",
+                ymin=0,
+            )
+        ],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = benchmark_parser("scaleout", __doc__, "fewer requests, shorter throughput runs")
+    config = parse_config(parser, argv, Config(), QUICK)
+    measured = measure(config)
+    results = results_of(config, measured)
+    output_dir = (
+        config.output_dir
+        if config.output_dir != RESULTS_DIR or not config.latency_requests < 300
+        else RESULTS_DIR / "quick"
+    )
+    results["written"] = publish(build_report(results), results, output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
