@@ -224,6 +224,7 @@ def build_app(args: argparse.Namespace) -> Application:
         ray_actor_options={"num_cpus": threads},
         health_check_period_s=HEALTH_CHECK_SECONDS,
         max_ongoing_requests=args.max_inflight,
+        logging_config={"enable_access_log": False},  # a log line per request costs the proxy path
     )
     return deployment.bind(args)  # type: ignore[attr-defined]
 
