@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kernels.launch_configs import cascade_config, device_capability
 from kernels.token_attention import token_attention
-from kernels.triton_prefix import LOG2E, LOG2E_HOST, attend_prefix, check_contract, input_precision
+from kernels.triton_prefix import LOG2E, LOG2E_HOST, attend_prefix, check_contract, launch_options
 
 __all__ = ["prefix_attention_cascade"]
 
@@ -132,12 +132,6 @@ def prefix_attention_cascade(
         heads,
         n_ctx,
         p_max,
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        INPUT_PRECISION=input_precision(q.dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **launch_options(config, head_dim, q.dtype),
     )  # fmt: skip
     return out

@@ -29,13 +29,14 @@ importing :mod:`triton`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.launch_configs import device_capability, prefix_config
+from kernels.launch_configs import LaunchConfig, device_capability, prefix_config
 
 __all__ = ["check_contract", "prefix_attention"]
 
@@ -265,15 +266,22 @@ def prefix_attention(
         heads,
         n_ctx,
         p_max,
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        INPUT_PRECISION=input_precision(q.dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **launch_options(config, head_dim, q.dtype),
     )  # fmt: skip
     return out
+
+
+def launch_options(config: LaunchConfig, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The compile-time options both kernels are launched with: head dim, precision, fixed blocks."""
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "INPUT_PRECISION": input_precision(dtype),
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
 
 
 def input_precision(dtype: torch.dtype) -> str:
