@@ -1,135 +1,101 @@
-"""Batched task heads: one product for a mixed batch, each row's logits independent of its batch-mates."""
+"""Batched task heads over the registry's paged tables: one product for a mixed batch, each row's logits
+equal to its own head's and independent of its batch-mates."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.engines.heads import HeadTable, apply_heads, padded_width, split
+from runtime import Backbone, TaskRegistry
+from runtime.core.package import TaskPackage
+from runtime.engines.heads import HeadTable, split
+from tests.helpers import random_package
 
-DIM = 64  # the tiny test backbone's width
-
-
-@dataclass(frozen=True)
-class Entry:
-    head_weight: torch.Tensor
-    head_bias: torch.Tensor
+CLASS_COUNTS = (3, 10, 100, 37, 2, 17)
 
 
-def make_entry(classes: int, dim: int = DIM, seed: int = 0, device: str = "cpu") -> Entry:
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(classes, dim, generator=gen).to(device)
-    return Entry(weight, torch.randn(classes, generator=gen).to(device))
+def loaded(
+    backbone: Backbone, counts: tuple[int, ...] = CLASS_COUNTS
+) -> tuple[TaskRegistry, list[TaskPackage]]:
+    registry = TaskRegistry(backbone, initial_slots=2, initial_classes=4)  # grows while loading
+    packages = [random_package(backbone, f"h{c}", seed=c, num_classes=c)[0] for c in counts]
+    for package in packages:
+        registry.add(package)
+    return registry, packages
 
 
-def linear(features: torch.Tensor, entry: Entry) -> torch.Tensor:
-    return F.linear(features.float(), entry.head_weight, entry.head_bias)
+def linear(features: torch.Tensor, package: TaskPackage) -> torch.Tensor:
+    return F.linear(features.float(), package.head_weight, package.head_bias)
 
 
-def test_matches_per_row_linear() -> None:
-    entries = [make_entry(classes, seed=classes) for classes in (3, 10, 100, 37)]
-    rows = [entries[i % 4] for i in range(9)]
-    features = torch.randn(9, DIM)
-    logits = apply_heads(features, rows)
-    assert len(logits) == 9
-    for row, (got, entry) in enumerate(zip(logits, rows, strict=True)):
-        assert got.dtype == torch.float32 and got.device.type == "cpu"
-        assert got.shape == (entry.head_weight.shape[0],)
-        torch.testing.assert_close(got, linear(features[row], entry), atol=1e-6, rtol=1e-6)
+def logits_of(registry: TaskRegistry, features: torch.Tensor, task_ids: list[str]) -> list[torch.Tensor]:
+    entries = registry.snapshot.entries(task_ids)
+    slots = torch.tensor([entry.slot for entry in entries], dtype=torch.int32)
+    logits = HeadTable.of(registry.tables).apply(features, slots)
+    assert logits.dtype == torch.float32 and logits.shape == (len(entries), registry.tables.classes)
+    return split(logits, [entry.num_classes for entry in entries])
 
 
-def test_row_is_bit_identical_whatever_its_batch_mates() -> None:
-    # The same row (features and task) alone, among few or many rows of other tasks, and with heads of
-    # widths that change the batch's padded width: the same bits every time.
+def test_matches_per_row_linear(tiny_backbone: Backbone) -> None:
+    registry, packages = loaded(tiny_backbone)
+    rows = [packages[(5 * i) % len(packages)] for i in range(9)]
+    features = torch.randn(9, tiny_backbone.spec.embed_dim)
+    logits = logits_of(registry, features, [p.task_id for p in rows])
+    for row, (got, package) in enumerate(zip(logits, rows, strict=True)):
+        assert got.shape == (package.num_classes,)
+        torch.testing.assert_close(got, linear(features[row], package), atol=1e-6, rtol=1e-6)
+
+
+def test_row_is_bit_identical_whatever_its_batch_mates(tiny_backbone: Backbone) -> None:
+    registry, packages = loaded(tiny_backbone)
     gen = torch.Generator().manual_seed(1)
-    row_features = torch.randn(DIM, generator=gen)
-    own = make_entry(10, seed=10)
-    others = [make_entry(classes, seed=classes) for classes in (2, 16, 17, 100, 1000)]
-    expected = apply_heads(row_features[None], [own])[0]
+    row_features = torch.randn(tiny_backbone.spec.embed_dim, generator=gen)
+    own, others = packages[1], packages[2:]
+    (expected,) = logits_of(registry, row_features[None], [own.task_id])
     for batch in (2, 3, 8, 33, 64):
-        for width_from in others:
-            features = torch.randn(batch, DIM, generator=gen)
-            position = batch // 2
-            features[position] = row_features
-            entries = [width_from if row % 2 else others[row % 3] for row in range(batch)]
-            entries[position] = own
-            assert torch.equal(apply_heads(features, entries)[position], expected), (batch, width_from)
+        features = torch.randn(batch, tiny_backbone.spec.embed_dim, generator=gen)
+        position = batch // 2
+        features[position] = row_features
+        task_ids = [others[row % len(others)].task_id for row in range(batch)]
+        task_ids[position] = own.task_id
+        assert torch.equal(logits_of(registry, features, task_ids)[position], expected), batch
 
 
-def test_reduced_precision_features_give_fp32_logits() -> None:
-    entry = make_entry(5)
-    features = torch.randn(2, DIM).to(torch.bfloat16)
-    (first, second) = apply_heads(features, [entry, entry])
+def test_reduced_precision_features_give_fp32_logits(tiny_backbone: Backbone) -> None:
+    registry, packages = loaded(tiny_backbone, (5,))
+    features = torch.randn(2, tiny_backbone.spec.embed_dim).to(torch.bfloat16)
+    first, second = logits_of(registry, features, ["h5", "h5"])
     assert first.dtype == torch.float32
-    torch.testing.assert_close(second, linear(features[1], entry), atol=1e-6, rtol=1e-6)
-    assert apply_heads(features[:0], []) == []
+    torch.testing.assert_close(second, linear(features[1], packages[0]), atol=1e-6, rtol=1e-6)
 
 
-def test_head_table_write_apply_split() -> None:
-    table = HeadTable.allocate(slots=4, max_classes=20, dim=DIM, device="cpu")
-    assert table.max_classes == padded_width(20) == 32
-    narrow, wide = make_entry(3, seed=3), make_entry(20, seed=20)
-    table.write(1, narrow.head_weight, narrow.head_bias)
-    table.write(3, wide.head_weight, wide.head_bias)
-    assert table.class_counts.tolist() == [0, 3, 0, 20]
-    features = torch.randn(3, DIM)
-    logits = table.apply(features, torch.tensor([3, 1, 3], dtype=torch.int32))
-    assert logits.shape == (3, 32) and logits.dtype == torch.float32
-    assert torch.equal(logits[1, 3:], torch.zeros(29))  # padding classes are exact zeros
-    rows = split(logits, [20, 3, 20])
-    for row, entry in zip(rows, (wide, narrow, wide), strict=True):
-        assert row.shape == (entry.head_weight.shape[0],)
-    for row, (got, entry) in enumerate(zip(rows, (wide, narrow, wide), strict=True)):
-        torch.testing.assert_close(got, linear(features[row], entry), atol=1e-6, rtol=1e-6)
-
-    # Rewriting a slot with a narrower head clears the classes it no longer has.
-    table.write(3, narrow.head_weight, narrow.head_bias)
-    assert torch.equal(table.apply(features[:1], torch.tensor([3]))[0, 3:], torch.zeros(29))
-
-
-def test_head_table_refuses_what_does_not_fit_and_grows() -> None:
-    table = HeadTable.allocate(slots=2, max_classes=16, dim=DIM, device="cpu")
-    small, big = make_entry(4, seed=4), make_entry(40, seed=40)
-    table.write(0, small.head_weight, small.head_bias)
-    with pytest.raises(ValueError, match="grow it first"):
-        table.write(0, big.head_weight, big.head_bias)
-    with pytest.raises(ValueError, match="grow it first"):
-        table.write(2, small.head_weight, small.head_bias)
-    with pytest.raises(ValueError, match=r"weight \[C, 64\]"):
-        table.write(1, torch.zeros(4, DIM + 1), torch.zeros(4))
-
-    grown = table.grown(slots=3, max_classes=40)
-    assert (grown.slots, grown.max_classes) == (3, 48)
-    grown.write(2, big.head_weight, big.head_bias)
-    features = torch.randn(2, DIM)
-    logits = grown.apply(features, torch.tensor([0, 2]))
-    before = table.apply(features[:1], torch.tensor([0]))
-    assert torch.equal(logits[0, :4], before[0, :4])
-    assert grown.class_counts.tolist() == [4, 0, 40]
-
-
-def test_engine_base_uses_the_batched_heads() -> None:
-    from runtime.engines import base, heads
-
-    assert base.apply_heads is heads.apply_heads
+def test_a_replaced_head_reads_its_new_rows(tiny_backbone: Backbone) -> None:
+    registry, _ = loaded(tiny_backbone, (20, 3))
+    narrower = random_package(tiny_backbone, "h20", seed=99, num_classes=4)[0]
+    registry.add(narrower)
+    features = torch.randn(1, tiny_backbone.spec.embed_dim)
+    (got,) = logits_of(registry, features, ["h20"])
+    torch.testing.assert_close(got, linear(features[0], narrower), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_heads_fp32_bound() -> None:
     # On the GPU a row's logits may differ between batches only by fp32 rounding: tested bound
     # |diff| <= 1e-5 * max |logit| of the row, against float64 and against the row computed alone.
-    dim = 768
-    entries = [make_entry(classes, dim=dim, seed=classes, device="cuda") for classes in (10, 100, 1000, 37)]
-    rows = [entries[(7 * i) % 4] for i in range(256)]
-    features = torch.randn(256, dim, device="cuda")
-    logits = apply_heads(features, rows)
+    from runtime.core.backbone import BackboneSpec
+
+    spec = BackboneSpec(embed_dim=768, depth=1, num_heads=12, img_size=32, patch_size=16, name="heads-cuda")
+    backbone = Backbone.create(spec, "random", seed=1).to("cuda")
+    registry, packages = loaded(backbone, (10, 100, 1000, 37))
+    rows = [packages[(7 * i) % 4] for i in range(256)]
+    features = torch.randn(256, 768, device="cuda")
+    logits = logits_of(registry, features, [p.task_id for p in rows])
     for row in (0, 1, 2, 3, 255):
-        entry = rows[row]
-        exact = F.linear(features[row].double(), entry.head_weight.double(), entry.head_bias.double()).cpu()
-        alone = apply_heads(features[row : row + 1], [entry])[0]
+        package = rows[row]
+        weight, bias = package.head_weight.double().cuda(), package.head_bias.double().cuda()
+        exact = F.linear(features[row].double(), weight, bias).cpu()
+        (alone,) = logits_of(registry, features[row : row + 1], [package.task_id])
         bound = 1e-5 * exact.abs().max().item()
-        torch.testing.assert_close(logits[row].double(), exact, atol=bound, rtol=0)
+        torch.testing.assert_close(logits[row].double().cpu(), exact, atol=bound, rtol=0)
         torch.testing.assert_close(logits[row], alone, atol=bound, rtol=0)

@@ -14,24 +14,26 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from kernels.reference import prefix_mask
+from kernels.reference import gather_prefix, prefix_mask
 from runtime.core.registry import SlotTables, Snapshot, TaskEntry
 
 
 @dataclass(frozen=True)
 class PrefixPlan:
-    """Prefix tables of one batch, trimmed to ``P`` = the longest prefix the batch attends over.
+    """The tables of one batch, their page tables trimmed to ``P`` = the longest prefix it attends over.
 
-    ``prefix_k``/``prefix_v [L, slots, H, P, d]`` (views of the snapshot's tables, not copies),
-    ``prefix_bias [slots, P]`` fp32, ``prefix_len [slots]`` int32, ``task_of_row [B]`` int32 (the
-    slot of each row's task). ``P`` is the longest prefix of every loaded task, not of this batch's
-    tasks, so a row's output never depends on which rows share its batch.
+    ``prefix_k``/``prefix_v [L, H, R, d]`` and ``prefix_bias [R]`` are the snapshot's pools (not
+    copies), ``prefix_table [slots, P]`` int32 and ``prefix_len [slots]`` int32 its page tables,
+    ``task_of_row [B]`` int32 the slot of each row's task. ``P`` is the longest prefix of every
+    resident task, not of this batch's tasks, so a row's output never depends on which rows share
+    its batch.
     """
 
     task_of_row: Tensor
     prefix_k: Tensor
     prefix_v: Tensor
     prefix_bias: Tensor
+    prefix_table: Tensor
     prefix_len: Tensor
 
     @classmethod
@@ -39,32 +41,32 @@ class PrefixPlan:
         """The plan of rows ``entries`` (one per row) over ``snapshot``'s tables.
 
         An entry may be an older version than the snapshot's (a request resolved before its task
-        was replaced): its slot is held by the request, so the tables still hold its rows.
+        was replaced or evicted): its slot is held by the request, so the tables still hold its rows.
         """
         longest = max([snapshot.longest_prefix, *(entry.prefix_len for entry in entries)])
         slots = [entry.slot for entry in entries]
-        task_of_row = torch.tensor(slots, dtype=torch.int32, device=snapshot.prefix_k.device)
+        task_of_row = torch.tensor(slots, dtype=torch.int32, device=snapshot.tables.prefix_k.device)
         return cls.over_tables(snapshot.tables, task_of_row, longest)
 
     @classmethod
     def over_tables(cls, tables: SlotTables, task_of_row: Tensor, prefix: int | None = None) -> PrefixPlan:
-        """Rows ``task_of_row`` (slots) over the first ``prefix`` slots of the tables (default: all).
-
-        Over all of them the plan's shapes depend only on the allocation, not on which tasks are
-        loaded: what a CUDA graph captured against these tables needs.
+        """Rows ``task_of_row`` (slots) over the first ``prefix`` positions of the page tables (default:
+        all). Over all of them the plan's shapes depend only on the allocation, not on which tasks are
+        resident: what a CUDA graph captured against these tables needs.
         """
         prefix = tables.prefix if prefix is None else prefix
         return cls(
             task_of_row=task_of_row,
-            prefix_k=tables.prefix_k[:, :, :, :prefix],
-            prefix_v=tables.prefix_v[:, :, :, :prefix],
-            prefix_bias=tables.prefix_bias[:, :prefix],
+            prefix_k=tables.prefix_k,
+            prefix_v=tables.prefix_v,
+            prefix_bias=tables.prefix_bias,
+            prefix_table=tables.prefix_table[:, :prefix],
             prefix_len=tables.prefix_len,
         )
 
     @property
     def longest_prefix(self) -> int:
-        return self.prefix_k.shape[3]
+        return self.prefix_table.shape[1]
 
     @cached_property
     def rows(self) -> Tensor:
@@ -74,10 +76,15 @@ class PrefixPlan:
     def gather(self, layer: int) -> tuple[Tensor, Tensor]:
         """Each row's prefix keys and values at ``layer``: ``[B, H, P, d]`` each (a copy)."""
         return (
-            self.prefix_k[layer].index_select(0, self.rows),
-            self.prefix_v[layer].index_select(0, self.rows),
+            gather_prefix(self.prefix_k[layer], self.prefix_table, self.rows),
+            gather_prefix(self.prefix_v[layer], self.prefix_table, self.rows),
         )
+
+    def gather_layers(self) -> tuple[Tensor, Tensor]:
+        """Each row's prefix keys and values at every layer: ``[L, B, H, P, d]`` each (a copy)."""
+        keys, values = zip(*(self.gather(layer) for layer in range(self.prefix_k.shape[0])), strict=True)
+        return torch.stack(keys), torch.stack(values)
 
     def mask(self, num_tokens: int, dtype: torch.dtype) -> Tensor:
         """Additive mask ``[B, 1, 1, P + num_tokens]`` over ``[prefix ; tokens]`` (see ``prefix_mask``)."""
-        return prefix_mask(self.prefix_bias, self.prefix_len, self.rows, num_tokens, dtype)
+        return prefix_mask(self.prefix_bias, self.prefix_table, self.prefix_len, self.rows, num_tokens, dtype)

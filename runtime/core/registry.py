@@ -1,9 +1,13 @@
-"""Which tasks are loaded, in which slots: immutable snapshots over slot tables.
+"""Which tasks are resident, in which slots: immutable snapshots over paged slot tables.
 
-Loading a task writes its compiled prefix and its head into a free slot of preallocated tables
-and publishes a new snapshot; a forward holds one snapshot for its whole batch, so tasks can be
-added, replaced and removed while forwards run. A slot is reused only after every snapshot that
-could still reference it has been released.
+Loading a task writes its compiled prefix and its head into free rows of preallocated pools, names
+those rows in a free slot of the tables, and publishes a new snapshot; a forward holds one snapshot
+for its whole batch, so tasks can be added, replaced and removed while forwards run. A slot and its
+rows are reused only after every snapshot and every request that could still read them is done.
+
+Pools are paged with one row per page (vLLM's block table with blocks of one row): a task takes
+exactly its own prefix rows and class rows, whatever the lengths of the others, so the tables hold
+no padding and never fragment.
 
 The tables' tensors never move within one allocation (:class:`SlotTables`): a CUDA graph captured
 against them replays any mix of loaded tasks. When a load needs more slots, a longer prefix or a
@@ -13,9 +17,11 @@ loading thread *before* any snapshot uses them, so an engine can re-capture off 
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -57,19 +63,42 @@ class TaskInfo:
         )
 
 
+def compiled_nbytes(spec: BackboneSpec, dtype: torch.dtype, prefix_len: int, num_classes: int) -> int:
+    """A task's exact compiled size: a key and a value row per prefix row and layer (backbone dtype),
+    a bias per prefix row, and its head (fp32). What the tables hold of it, without any padding."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    prefix = 2 * spec.depth * spec.embed_dim * prefix_len * itemsize + 4 * prefix_len
+    return prefix + 4 * num_classes * (spec.embed_dim + 1)
+
+
 @dataclass(frozen=True)
-class TaskEntry:
-    """One loaded version of a task; its head (fp32) is a view of its rows in the slot tables."""
+class PreparedTask:
+    """A task compiled for one backbone and ready to write into the tables (or to keep on the host:
+    writing it again needs no package read and no compile)."""
 
     task_id: str
-    version: int
-    slot: int
     info: TaskInfo
-    prefix_len: int
-    head_weight: Tensor
-    head_bias: Tensor
-    loaded_at: float
-    load_seconds: float
+    compiled: CompiledTask
+    head_weight: Tensor  # [C, D] fp32
+    head_bias: Tensor  # [C] fp32
+    prepare_seconds: float
+
+    @classmethod
+    def of(cls, package: TaskPackage, backbone: Backbone) -> PreparedTask:
+        started = time.perf_counter()
+        compiled = compile_task(package, backbone)
+        return cls(
+            task_id=package.task_id,
+            info=TaskInfo.of(package),
+            compiled=compiled,
+            head_weight=package.head_weight.to(device=backbone.device, dtype=torch.float32),
+            head_bias=package.head_bias.to(device=backbone.device, dtype=torch.float32),
+            prepare_seconds=time.perf_counter() - started,
+        )
+
+    @property
+    def prefix_len(self) -> int:
+        return self.compiled.prefix_len
 
     @property
     def num_classes(self) -> int:
@@ -77,134 +106,195 @@ class TaskEntry:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this task holds: its prefix rows in the tables plus its head."""
-        spec = self.info.backbone_spec
-        prefix = 2 * spec.depth * spec.embed_dim * self.prefix_len * self.head_weight.element_size()
-        return prefix + (self.head_weight.numel() + self.head_bias.numel()) * self.head_weight.element_size()
+        """Bytes of its tensors as they are held here (compiled prefix in fp32, head in fp32)."""
+        tensors = (
+            self.compiled.keys,
+            self.compiled.values,
+            self.compiled.bias,
+            self.head_weight,
+            self.head_bias,
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> PreparedTask:
+        """A copy whose tensors live on ``device`` (the host tier keeps tasks on the CPU)."""
+        compiled = CompiledTask(
+            keys=self.compiled.keys.to(device),
+            values=self.compiled.values.to(device),
+            bias=self.compiled.bias.to(device),
+        )
+        return replace(
+            self,
+            compiled=compiled,
+            head_weight=self.head_weight.to(device),
+            head_bias=self.head_bias.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One resident version of a task: its slot in the tables (its rows are named there)."""
+
+    task_id: str
+    version: int
+    slot: int
+    info: TaskInfo
+    prefix_len: int
+    num_classes: int
+    nbytes: int  # its exact compiled size (:func:`compiled_nbytes`): the pool rows it holds
+    loaded_at: float
+    load_seconds: float
 
 
 @dataclass(frozen=True)
 class SlotTables:
-    """One allocation of the slot tables: what every loaded task is, as rows indexed by slot.
+    """One allocation of the tables: pools of rows shared by every task, and per-slot page tables.
 
-    ``prefix_k``/``prefix_v [L, slots, H, P, d]`` (backbone dtype), ``prefix_bias [slots, P]`` and
-    ``prefix_len [slots]`` (int32) are the attention contract's tables (:mod:`kernels.reference`);
-    ``head_weight [slots, C, D]`` and ``head_bias [slots, C]`` (fp32, zero past each task's classes)
-    and ``head_classes [slots]`` (int64, host) hold each task's head padded to the widest (C): the
-    layout of :class:`runtime.engines.heads.HeadTable`. ``allocation`` counts reallocations: the
-    tensors of one allocation are written in place (free slots only) and never replaced.
+    Attention contract (:mod:`kernels.reference`), per layer ``l``: ``prefix_k[l]``/``prefix_v[l]``
+    ``[H, R, d]`` (backbone dtype) are the pools of prefix rows, ``prefix_bias [R]`` fp32 the logit bias
+    of each row, ``prefix_table [slots, P]`` int32 the pool row of each slot's prefix position and
+    ``prefix_len [slots]`` int32. Heads (:class:`runtime.engines.heads.HeadTable`): ``head_weight
+    [Rc, D]`` and ``head_bias [Rc]`` fp32 pools of class rows, ``head_table [slots, C]`` int32 and
+    ``head_classes [slots]`` (int64, host). ``P`` and ``C`` are the widest prefix and head the tables
+    can name; positions past a slot's own length name row 0 and are never read as its own.
+    ``allocation`` counts reallocations: one allocation is written in place (free rows and slots only)
+    and never replaced, and a row keeps its index across reallocations.
     """
 
     allocation: int
     prefix_k: Tensor
     prefix_v: Tensor
     prefix_bias: Tensor
+    prefix_table: Tensor
     prefix_len: Tensor
     head_weight: Tensor
     head_bias: Tensor
+    head_table: Tensor
     head_classes: Tensor
 
     @property
     def slots(self) -> int:
-        return self.prefix_bias.shape[0]
+        return self.prefix_table.shape[0]
 
     @property
     def prefix(self) -> int:
-        return self.prefix_bias.shape[1]
+        return self.prefix_table.shape[1]
 
     @property
     def classes(self) -> int:
-        return self.head_bias.shape[1]
+        return self.head_table.shape[1]
+
+    @property
+    def prefix_rows(self) -> int:
+        return self.prefix_bias.shape[0]
+
+    @property
+    def class_rows(self) -> int:
+        return self.head_bias.shape[0]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
 
     @classmethod
-    def allocate(
-        cls, backbone: Backbone, slots: int, prefix: int, classes: int, allocation: int = 0
-    ) -> SlotTables:
+    def allocate(cls, backbone: Backbone, size: TablesSize, allocation: int = 0) -> SlotTables:
         spec, device, dtype = backbone.spec, backbone.device, backbone.dtype
-        shape = (spec.depth, slots, spec.num_heads, prefix, spec.head_dim)
+        pool = (spec.depth, spec.num_heads, size.prefix_rows, spec.head_dim)
         return cls(
             allocation=allocation,
-            prefix_k=torch.zeros(shape, dtype=dtype, device=device),
-            prefix_v=torch.zeros(shape, dtype=dtype, device=device),
-            prefix_bias=torch.zeros(slots, prefix, dtype=torch.float32, device=device),
-            prefix_len=torch.zeros(slots, dtype=torch.int32, device=device),
-            head_weight=torch.zeros(slots, classes, spec.embed_dim, dtype=torch.float32, device=device),
-            head_bias=torch.zeros(slots, classes, dtype=torch.float32, device=device),
-            head_classes=torch.zeros(slots, dtype=torch.int64),
+            prefix_k=torch.zeros(pool, dtype=dtype, device=device),
+            prefix_v=torch.zeros(pool, dtype=dtype, device=device),
+            prefix_bias=torch.zeros(size.prefix_rows, dtype=torch.float32, device=device),
+            prefix_table=torch.zeros(size.slots, size.prefix, dtype=torch.int32, device=device),
+            prefix_len=torch.zeros(size.slots, dtype=torch.int32, device=device),
+            head_weight=torch.zeros(size.class_rows, spec.embed_dim, dtype=torch.float32, device=device),
+            head_bias=torch.zeros(size.class_rows, dtype=torch.float32, device=device),
+            head_table=torch.zeros(size.slots, size.classes, dtype=torch.int32, device=device),
+            head_classes=torch.zeros(size.slots, dtype=torch.int64),
         )
 
-    def grown(self, backbone: Backbone, slots: int, prefix: int, classes: int) -> SlotTables:
+    @property
+    def size(self) -> TablesSize:
+        return TablesSize(self.slots, self.prefix, self.classes, self.prefix_rows, self.class_rows)
+
+    def grown(self, backbone: Backbone, size: TablesSize) -> SlotTables:
         """The next allocation, at least this big, holding a copy of these (live snapshots keep these)."""
-        bigger = SlotTables.allocate(
-            backbone,
-            max(slots, self.slots),
-            max(prefix, self.prefix),
-            max(classes, self.classes),
-            self.allocation + 1,
-        )
-        old_slots, old_prefix, old_classes = self.slots, self.prefix, self.classes
-        bigger.prefix_k[:, :old_slots, :, :old_prefix] = self.prefix_k
-        bigger.prefix_v[:, :old_slots, :, :old_prefix] = self.prefix_v
-        bigger.prefix_bias[:old_slots, :old_prefix] = self.prefix_bias
-        bigger.prefix_len[:old_slots] = self.prefix_len
-        bigger.head_weight[:old_slots, :old_classes] = self.head_weight
-        bigger.head_bias[:old_slots, :old_classes] = self.head_bias
-        bigger.head_classes[:old_slots] = self.head_classes
+        bigger = SlotTables.allocate(backbone, size.at_least(self.size), self.allocation + 1)
+        slots, prefix, classes = self.slots, self.prefix, self.classes
+        bigger.prefix_k[:, :, : self.prefix_rows] = self.prefix_k
+        bigger.prefix_v[:, :, : self.prefix_rows] = self.prefix_v
+        bigger.prefix_bias[: self.prefix_rows] = self.prefix_bias
+        bigger.prefix_table[:slots, :prefix] = self.prefix_table
+        bigger.prefix_len[:slots] = self.prefix_len
+        bigger.head_weight[: self.class_rows] = self.head_weight
+        bigger.head_bias[: self.class_rows] = self.head_bias
+        bigger.head_table[:slots, :classes] = self.head_table
+        bigger.head_classes[:slots] = self.head_classes
         return bigger
 
-    def write(self, slot: int, task: CompiledTask, head_weight: Tensor, head_bias: Tensor) -> None:
-        length, classes = task.prefix_len, head_weight.shape[0]
-        self.prefix_k[:, slot, :, :length] = task.keys.to(self.prefix_k.dtype)
-        self.prefix_v[:, slot, :, :length] = task.values.to(self.prefix_v.dtype)
-        self.prefix_k[:, slot, :, length:] = 0
-        self.prefix_v[:, slot, :, length:] = 0
-        self.prefix_bias[slot] = 0
-        self.prefix_bias[slot, :length] = task.bias
-        self.prefix_len[slot] = length
-        self.head_weight[slot] = 0
-        self.head_weight[slot, :classes] = head_weight
-        self.head_bias[slot] = 0
-        self.head_bias[slot, :classes] = head_bias
-        self.head_classes[slot] = classes
+    def write(self, slot: int, rows: SlotRows, task: PreparedTask) -> None:
+        """Write ``task`` into its rows and name them in ``slot``'s page tables."""
+        device = self.prefix_k.device
+        prefix_rows = torch.tensor(rows.prefix, dtype=torch.int64, device=device)
+        class_rows = torch.tensor(rows.classes, dtype=torch.int64, device=device)
+        compiled = task.compiled
+        self.prefix_k.index_copy_(2, prefix_rows, compiled.keys.to(device=device, dtype=self.prefix_k.dtype))
+        self.prefix_v.index_copy_(
+            2, prefix_rows, compiled.values.to(device=device, dtype=self.prefix_v.dtype)
+        )
+        self.prefix_bias.index_copy_(0, prefix_rows, compiled.bias.to(device=device, dtype=torch.float32))
+        self.prefix_table[slot] = 0
+        self.prefix_table[slot, : len(rows.prefix)] = prefix_rows.to(torch.int32)
+        self.prefix_len[slot] = len(rows.prefix)
+        self.head_weight.index_copy_(0, class_rows, task.head_weight.to(device))
+        self.head_bias.index_copy_(0, class_rows, task.head_bias.to(device))
+        self.head_table[slot] = 0
+        self.head_table[slot, : len(rows.classes)] = class_rows.to(torch.int32)
+        self.head_classes[slot] = len(rows.classes)
 
-    def head(self, slot: int, classes: int) -> tuple[Tensor, Tensor]:
-        """The head of the task in ``slot``: views of its rows, not copies."""
-        return self.head_weight[slot, :classes], self.head_bias[slot, :classes]
+    def head(self, slot: int) -> tuple[Tensor, Tensor]:
+        """The head of the task in ``slot``: weight ``[C, D]`` and bias ``[C]`` (copies of its rows)."""
+        rows = self.head_table[slot, : int(self.head_classes[slot])].long()
+        return self.head_weight.index_select(0, rows), self.head_bias.index_select(0, rows)
+
+
+@dataclass(frozen=True)
+class TablesSize:
+    """Sizes of one allocation: slots, widest prefix and head named, rows in the two pools."""
+
+    slots: int
+    prefix: int
+    classes: int
+    prefix_rows: int
+    class_rows: int
+
+    def at_least(self, other: TablesSize) -> TablesSize:
+        return TablesSize(
+            *(max(a, b) for a, b in zip(vars(self).values(), vars(other).values(), strict=True))
+        )
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """The pool rows one slot holds: its prefix rows and its class rows, in order."""
+
+    prefix: list[int]
+    classes: list[int]
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Loaded tasks at one instant: the slot tables and the task-to-slot map. Never mutated.
+    """Resident tasks at one instant: the tables and the task-to-slot map. Never mutated.
 
-    Slots of no task in ``tasks`` hold stale data and are read only by requests that hold them.
-    ``longest_prefix`` is the longest prefix of any loaded task: every batch attends over that
-    many prefix slots, so a row's output never depends on which rows share its batch.
+    Slots of no task in ``tasks`` hold stale rows, read only by requests that hold them.
+    ``longest_prefix`` is the longest prefix of any resident task: every batch attends over that
+    many prefix positions, so a row's output never depends on which rows share its batch.
     """
 
     generation: int
     tables: SlotTables
     tasks: Mapping[str, TaskEntry]
     longest_prefix: int
-
-    @property
-    def prefix_k(self) -> Tensor:
-        return self.tables.prefix_k
-
-    @property
-    def prefix_v(self) -> Tensor:
-        return self.tables.prefix_v
-
-    @property
-    def prefix_bias(self) -> Tensor:
-        return self.tables.prefix_bias
-
-    @property
-    def prefix_len(self) -> Tensor:
-        return self.tables.prefix_len
 
     def entries(self, task_ids: Sequence[str]) -> list[TaskEntry]:
         try:
@@ -215,7 +305,7 @@ class Snapshot:
 
 @dataclass
 class _Leases:
-    """What still reads the tables, to know when a freed slot is safe to reuse.
+    """What still reads the tables, to know when a freed slot (and its rows) is safe to reuse.
 
     ``active``: snapshots in use, by generation. ``held``: entries held by requests, by slot.
     """
@@ -236,37 +326,71 @@ class _Leases:
         return ready
 
 
-def _moved(entry: TaskEntry, tables: SlotTables) -> TaskEntry:
-    """``entry`` with its head read from ``tables`` (a new allocation holding the same rows)."""
-    weight, bias = tables.head(entry.slot, entry.num_classes)
-    return replace(entry, head_weight=weight, head_bias=bias)
+class _RowPool:
+    """Free row indices of one pool, lowest first (a dense pool copies less when it grows)."""
+
+    def __init__(self, rows: int) -> None:
+        self._free = list(range(rows))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        return [heapq.heappop(self._free) for _ in range(count)]
+
+    def give(self, rows: Iterable[int]) -> None:
+        for row in rows:
+            heapq.heappush(self._free, row)
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-# Growth steps of the tables: a few longer prefixes or wider heads cost one reallocation, not one each.
+def _pool_rows(current: int, free: int, needed: int) -> int:
+    """Rows of a pool that must grow to take ``needed`` more rows with ``free`` free."""
+    if needed <= free:
+        return current
+    return max(current + needed - free, math.ceil(current * POOL_GROWTH))
+
+
+# Growth steps: a few longer prefixes or wider heads cost one reallocation, not one each; a pool grows
+# by a quarter at least, so its free rows stay a small share of it.
 PREFIX_STEP = 8
 CLASSES_STEP = 16
+POOL_GROWTH = 1.25
 TablesListener = Callable[[SlotTables], None]
 
 
 class TaskRegistry:
-    """Thread-safe set of loaded tasks for one backbone.
+    """Thread-safe set of resident tasks for one backbone.
 
     Loads and unloads are serialized; forwards (``acquire``), ``hold`` and ``release`` never wait
     for a load's compile or a reallocation, only for the short publish.
     """
 
     def __init__(
-        self, backbone: Backbone, initial_slots: int = 8, initial_prefix: int = 16, initial_classes: int = 16
+        self,
+        backbone: Backbone,
+        initial_slots: int = 8,
+        initial_prefix: int = 16,
+        initial_classes: int = 16,
     ) -> None:
         self.backbone = backbone
         self._lock = threading.Lock()
         self._writing = threading.Lock()
-        self._tables = SlotTables.allocate(backbone, initial_slots, initial_prefix, initial_classes)
+        size = TablesSize(
+            initial_slots,
+            initial_prefix,
+            initial_classes,
+            initial_slots * initial_prefix,
+            initial_slots * initial_classes,
+        )
+        self._tables = SlotTables.allocate(backbone, size)
         self._free = list(range(initial_slots))
+        self._prefix_rows = _RowPool(size.prefix_rows)
+        self._class_rows = _RowPool(size.class_rows)
+        self._rows: dict[int, SlotRows] = {}
         self._leases = _Leases()
         self._versions: dict[str, int] = {}
         self._listeners: list[TablesListener] = []
@@ -275,7 +399,7 @@ class TaskRegistry:
     def on_new_tables(self, listener: TablesListener) -> None:
         """Call ``listener(tables)`` on the loading thread whenever the tables are reallocated.
 
-        It runs before any snapshot uses the new tables (they already hold every loaded task); an
+        It runs before any snapshot uses the new tables (they already hold every resident task); an
         engine re-captures its CUDA graphs there, off the request path. If it raises, the load
         fails and the registry keeps its tables.
         """
@@ -284,7 +408,7 @@ class TaskRegistry:
 
     @property
     def tables(self) -> SlotTables:
-        """The current allocation of the slot tables."""
+        """The current allocation of the tables."""
         return self._tables
 
     def _publish(self, tasks: dict[str, TaskEntry], generation: int) -> Snapshot:
@@ -296,54 +420,68 @@ class TaskRegistry:
         )
         return self._snapshot
 
+    def _reclaim(self) -> None:
+        """Slots (and their rows) that nothing can read any more become free. Under ``_lock``."""
+        for slot in self._leases.reusable():
+            rows = self._rows.pop(slot)
+            self._prefix_rows.give(rows.prefix)
+            self._class_rows.give(rows.classes)
+            self._free.append(slot)
+
     def add(self, package: TaskPackage) -> TaskEntry:
-        """Load a task, or replace the loaded version of the same id. Returns the new entry."""
+        """Compile and load a task, or replace the resident version of the same id."""
+        return self.insert(PreparedTask.of(package, self.backbone))
+
+    def insert(self, task: PreparedTask) -> TaskEntry:
+        """Write a compiled task into the tables (replacing its resident version). Returns its entry."""
         started = time.perf_counter()
-        compiled = compile_task(package, self.backbone)
-        info = TaskInfo.of(package)
-        device = self.backbone.device
-        head_weight = package.head_weight.to(device=device, dtype=torch.float32)
-        head_bias = package.head_bias.to(device=device, dtype=torch.float32)
         with self._writing:
             with self._lock:
-                self._free.extend(self._leases.reusable())
-                tables, full = self._tables, not self._free
-            grown = None
-            if full or compiled.prefix_len > tables.prefix or package.num_classes > tables.classes:
-                grown = tables.grown(
-                    self.backbone,
-                    tables.slots * 2 if full else tables.slots,
-                    _round_up(compiled.prefix_len, PREFIX_STEP),
-                    _round_up(package.num_classes, CLASSES_STEP),
+                self._reclaim()
+                tables = self._tables
+                needed = TablesSize(
+                    tables.slots * 2 if not self._free else tables.slots,
+                    _round_up(task.prefix_len, PREFIX_STEP),
+                    _round_up(task.num_classes, CLASSES_STEP),
+                    _pool_rows(tables.prefix_rows, len(self._prefix_rows), task.prefix_len),
+                    _pool_rows(tables.class_rows, len(self._class_rows), task.num_classes),
                 )
+            grown = None
+            if needed.at_least(tables.size) != tables.size:
+                grown = tables.grown(self.backbone, needed)
                 for listener in self._listeners:  # outside the lock: forwards go on meanwhile
                     listener(grown)
             with self._lock:
                 tasks = dict(self._snapshot.tasks)
                 if grown is not None:
                     self._free.extend(range(tables.slots, grown.slots))
+                    self._prefix_rows.give(range(tables.prefix_rows, grown.prefix_rows))
+                    self._class_rows.give(range(tables.class_rows, grown.class_rows))
                     self._tables = grown
-                    # Loaded tasks' heads now read from the new tables (held entries keep the old ones).
-                    tasks = {key: _moved(entry, grown) for key, entry in tasks.items()}
                 slot = min(self._free)  # lowest first keeps the tables dense
                 self._free.remove(slot)
-                self._tables.write(slot, compiled, head_weight, head_bias)
-                version = self._versions.get(package.task_id, 0) + 1
-                self._versions[package.task_id] = version
-                weight_view, bias_view = self._tables.head(slot, package.num_classes)
+                rows = SlotRows(
+                    self._prefix_rows.take(task.prefix_len), self._class_rows.take(task.num_classes)
+                )
+                self._rows[slot] = rows
+                self._tables.write(slot, rows, task)
+                version = self._versions.get(task.task_id, 0) + 1
+                self._versions[task.task_id] = version
                 entry = TaskEntry(
-                    task_id=package.task_id,
+                    task_id=task.task_id,
                     version=version,
                     slot=slot,
-                    info=info,
-                    prefix_len=compiled.prefix_len,
-                    head_weight=weight_view,
-                    head_bias=bias_view,
+                    info=task.info,
+                    prefix_len=task.prefix_len,
+                    num_classes=task.num_classes,
+                    nbytes=compiled_nbytes(
+                        self.backbone.spec, self.backbone.dtype, task.prefix_len, task.num_classes
+                    ),
                     loaded_at=time.time(),
-                    load_seconds=time.perf_counter() - started,
+                    load_seconds=task.prepare_seconds + time.perf_counter() - started,
                 )
-                previous = tasks.get(package.task_id)
-                tasks[package.task_id] = entry
+                previous = tasks.get(task.task_id)
+                tasks[task.task_id] = entry
                 generation = self._snapshot.generation + 1
                 if previous is not None:
                     self._leases.freed.append((generation, previous.slot))
@@ -351,11 +489,26 @@ class TaskRegistry:
         return entry
 
     def remove(self, task_id: str) -> TaskEntry:
-        """Unload a task; forwards already holding a snapshot still finish with it."""
+        """Unload a task; forwards already holding a snapshot, and requests holding it, still finish."""
+        entry = self._remove(task_id, only_idle=False)
+        assert entry is not None
+        return entry
+
+    def evict(self, task_id: str) -> TaskEntry | None:
+        """Unload a task unless a request holds it (then ``None``): what a cache may drop.
+
+        A forward already running keeps its snapshot; a queued request holds its entry, so a task
+        some queued request still needs is never evicted.
+        """
+        return self._remove(task_id, only_idle=True)
+
+    def _remove(self, task_id: str, only_idle: bool) -> TaskEntry | None:
         with self._writing, self._lock:
             tasks = dict(self._snapshot.tasks)
             if task_id not in tasks:
                 raise UnknownTaskError(task_id)
+            if only_idle and tasks[task_id].slot in self._leases.held:
+                return None
             entry = tasks.pop(task_id)
             generation = self._snapshot.generation + 1
             self._leases.freed.append((generation, entry.slot))
@@ -382,7 +535,7 @@ class TaskRegistry:
         """Resolve ``task_id`` once, for one request: its entry stays computable until ``release``.
 
         The entry's slot is not reused while held, so a request answers with the version it was
-        admitted under even if the task is replaced or unloaded while it waits.
+        admitted under even if the task is replaced, evicted or unloaded while it waits.
         """
         with self._lock:
             try:
@@ -420,7 +573,8 @@ class TaskRegistry:
             raise UnknownTaskError(task_id) from None
 
     def memory(self) -> dict[str, int]:
-        """Bytes per loaded task, plus the tables' allocated total (padding and free slots included)."""
+        """Bytes per resident task (its exact compiled size), plus the tables' allocated total (free
+        rows and slots, page tables and rows still read by older snapshots included)."""
         snapshot = self._snapshot
         report = {task_id: entry.nbytes for task_id, entry in snapshot.tasks.items()}
         report["__tables_allocated__"] = snapshot.tables.nbytes

@@ -60,6 +60,7 @@ def bind_kernel(name: str) -> Binder:
                 plan.prefix_k[layer],
                 plan.prefix_v[layer],
                 plan.prefix_bias,
+                plan.prefix_table,
                 plan.prefix_len,
                 plan.task_of_row,
             )

@@ -16,7 +16,7 @@ from torch import Tensor
 from runtime.core.backbone import Backbone
 from runtime.core.plan import PrefixPlan
 from runtime.core.registry import Snapshot, TaskEntry, TaskRegistry
-from runtime.engines.heads import apply_heads
+from runtime.engines.heads import HeadTable, split
 
 
 class InferenceEngine(ABC):
@@ -61,4 +61,6 @@ class InferenceEngine(ABC):
         self.check_batch(images, entries)
         if not entries:
             return []
-        return apply_heads(self.features(PrefixPlan.build(snapshot, entries), images), entries)
+        plan = PrefixPlan.build(snapshot, entries)
+        logits = HeadTable.of(snapshot.tables).apply(self.features(plan, images), plan.task_of_row).cpu()
+        return split(logits, [entry.num_classes for entry in entries])

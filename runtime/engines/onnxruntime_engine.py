@@ -153,12 +153,12 @@ class OnnxEngine(InferenceEngine):
 
     def inputs(self, plan: PrefixPlan, images: Tensor) -> dict[str, np.ndarray]:
         """The graph's inputs for one batch: each row's prefix for every layer, and its mask."""
-        rows = plan.rows
+        keys, values = plan.gather_layers()
         return {
             "pixels": _numpy(images),
-            "prefix_keys": _numpy(plan.prefix_k.index_select(1, rows)),
-            "prefix_values": _numpy(plan.prefix_v.index_select(1, rows)),
-            "prefix_mask": _numpy(plan.mask(0, torch.float32).view(len(rows), plan.longest_prefix)),
+            "prefix_keys": _numpy(keys),
+            "prefix_values": _numpy(values),
+            "prefix_mask": _numpy(plan.mask(0, torch.float32).view(len(plan.rows), plan.longest_prefix)),
         }
 
 

@@ -65,8 +65,7 @@ class Engine(InferenceEngine):
     def _graph_forward(self, tables: SlotTables, images: Tensor, task_of_row: Tensor) -> Tensor:
         """What a graph records: features over the tables' whole prefix capacity, then the batched heads."""
         plan = PrefixPlan.over_tables(tables, task_of_row)
-        heads = HeadTable(tables.head_weight, tables.head_bias, tables.head_classes)
-        return heads.apply(self.features(plan, images), task_of_row)
+        return HeadTable.of(tables).apply(self.features(plan, images), task_of_row)
 
     @torch.inference_mode()
     def forward_entries(

@@ -163,7 +163,10 @@ class InferenceService:
             entries = [self._entry(name, version)]
         else:
             entries = sorted(self.registry.snapshot.tasks.values(), key=lambda entry: entry.task_id)
-        return [statistics_of(entry, self.metrics.task_stats(entry.task_id)) for entry in entries]
+        device_type = self.registry.backbone.device.type
+        return [
+            statistics_of(entry, self.metrics.task_stats(entry.task_id), device_type) for entry in entries
+        ]
 
     def _entry(self, name: str, version: str) -> TaskEntry:
         """The loaded entry for metadata (unheld: never for computing)."""

@@ -143,11 +143,11 @@ def configuration_of(
     )
 
 
-def statistics_of(entry: TaskEntry, stats: TaskStats) -> ModelStatistics:
+def statistics_of(entry: TaskEntry, stats: TaskStats, device_type: str) -> ModelStatistics:
     return ModelStatistics(
         name=entry.task_id,
         version=str(entry.version),
         stats=stats,
-        memory_kind="CPU" if entry.head_weight.device.type == "cpu" else "GPU",
+        memory_kind="GPU" if device_type == "cuda" else "CPU",
         memory_bytes=entry.nbytes,
     )
