@@ -3,18 +3,19 @@
 Ways to compute the layer (q, k, v are strided views of a fused ``[B, N, 3, H, d]`` qkv projection, as
 in the runtime):
 
-* ``kernel``: :func:`kernels.triton_prefix.prefix_attention`, which streams each row's task prefix
-  from the shared prefix tables and the row's tokens in one online softmax (fixed launch
-  configuration from :mod:`kernels.launch_configs`, no autotuning).
+* ``kernel``: :func:`kernels.triton_prefix.prefix_attention`, which gathers each row's task prefix
+  from the paged prefix pool through the row's table row and streams it and the row's tokens in one
+  online softmax (fixed launch configuration from :mod:`kernels.launch_configs`, no autotuning).
 * ``cascade``: :func:`kernels.triton_cascade.prefix_attention_cascade`, the vendor's SDPA over the
   tokens returning its log-sum-exp, then the fused prefix-and-merge kernel.
 * ``token_lse``: the cascade's first half alone (the vendor kernel with its log-sum-exp), so that
   ``cascade - token_lse`` is what the merge costs.
-* ``concat``: gather every row's prefix (``index_select``), concatenate it with the row's own K/V into
-  ``[B, H, P_max + N, d]`` tensors and run ``torch.nn.functional.scaled_dot_product_attention`` with
-  the additive mask of :func:`kernels.reference.prefix_mask`. The mask depends only on the batch, so it
-  is built once outside the timed region (the runtime would reuse it across layers); the gather and
-  concatenation are per layer and are timed.
+* ``concat``: gather every row's prefix from the pool (:func:`kernels.reference.gather_prefix`),
+  concatenate it with the row's own K/V into ``[B, H, P + N, d]`` tensors and run
+  ``torch.nn.functional.scaled_dot_product_attention`` with the additive mask of
+  :func:`kernels.reference.prefix_mask`. The mask depends only on the batch, so it is built once
+  outside the timed region (the runtime would reuse it across layers); the gather and concatenation
+  are per layer and are timed.
 * ``floor``: cuDNN SDPA over the tokens alone (no prefix at all), the cost floor of this layer.
 
 Target (issue 11, H100, bf16): B = 128, P = 16, d = 64 in <= 0.100 ms; cuDNN's floor there was
@@ -22,8 +23,10 @@ measured at 0.089 ms. Expected, from traffic arithmetic only: the cascade costs 
 of q and of the token output and one write (~0.03-0.04 ms at B = 128), the fused kernel 1.2-1.6x the
 floor (``shared/docs/gpu.md``).
 
-Times are medians of :func:`triton.testing.do_bench` in milliseconds. Prints each row as it is measured
-and writes ``kernel_prefix_attention.json``, ``.md`` and ``.png`` to ``--output-dir`` (default
+The pool holds every task's P rows, scattered over it in random order (as a pool with tasks loaded and
+unloaded over time would be), and every prefix is full. Times are medians of
+:func:`triton.testing.do_bench` in milliseconds. Prints each row as it is measured and writes
+``kernel_prefix_attention.json``, ``.md`` and ``.png`` to ``--output-dir`` (default
 ``benchmarks/results``; ``--quick``: B = 8 and 128, 8 tasks, P = 0 and 16, into its ``quick/`` folder).
 Needs a CUDA device.
 """
@@ -52,10 +55,10 @@ from benchmarks.common import (
     print_machine,
 )
 from benchmarks.report import Panel, Report, Table, markdown_header, markdown_row, publish
-from kernels.reference import prefix_mask
+from kernels.reference import gather_prefix, prefix_mask
 
-# q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row: the attention contract's inputs.
-Case = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row: the contract's inputs.
+Case = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -93,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KernelConfig:
         "--batch", type=int, nargs="+", help=f"batch sizes B (default {list(defaults.batch)})"
     )
     parser.add_argument(
-        "--tasks", type=int, nargs="+", help=f"tasks in the tables (default {list(defaults.tasks)})"
+        "--tasks", type=int, nargs="+", help=f"tasks in the pool (default {list(defaults.tasks)})"
     )
     parser.add_argument(
         "--prefix", type=int, nargs="+", help=f"prefix lengths P (default {list(defaults.prefix)})"
@@ -108,23 +111,27 @@ def parse_args(argv: Sequence[str] | None = None) -> KernelConfig:
 def make_case(
     batch: int, tasks: int, prefix: int, heads: int, head_dim: int, tokens: int, dtype: torch.dtype, seed: int
 ) -> Case:
-    """Inputs of one layer: rows spread over all tasks, every task's prefix full (length P)."""
+    """Inputs of one layer: rows spread over all tasks, every task's prefix full (length P), the tasks'
+    rows scattered over one pool of ``tasks * P`` rows."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    prefix_k = torch.randn(tasks, heads, prefix, head_dim, device="cuda", dtype=dtype, generator=gen)
-    prefix_v = torch.randn(tasks, heads, prefix, head_dim, device="cuda", dtype=dtype, generator=gen)
-    prefix_bias = torch.rand(tasks, prefix, device="cuda", generator=gen)
+    pool_rows = tasks * prefix
+    prefix_k = torch.randn(heads, pool_rows, head_dim, device="cuda", dtype=dtype, generator=gen)
+    prefix_v = torch.randn(heads, pool_rows, head_dim, device="cuda", dtype=dtype, generator=gen)
+    prefix_bias = torch.rand(pool_rows, device="cuda", generator=gen)
+    scattered = torch.randperm(pool_rows, device="cuda", generator=gen)
+    prefix_table = scattered.view(tasks, prefix).to(torch.int32)
     prefix_len = torch.full((tasks,), prefix, dtype=torch.int32, device="cuda")
     order = torch.randperm(batch, device="cuda", generator=gen)
     task_of_row = (order % tasks).to(torch.int32)
-    return q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row
+    return q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row
 
 
 def batch_mask(case: Case, dtype: torch.dtype) -> torch.Tensor:
-    """The ``[B, 1, 1, P_max + N]`` float mask of a batch: built once, shared by all layers."""
-    q, _, _, _, _, prefix_bias, prefix_len, task_of_row = case
-    return prefix_mask(prefix_bias, prefix_len.long(), task_of_row.long(), q.shape[2], dtype)
+    """The ``[B, 1, 1, P + N]`` float mask of a batch: built once, shared by all layers."""
+    q, _, _, _, _, prefix_bias, prefix_table, prefix_len, task_of_row = case
+    return prefix_mask(prefix_bias, prefix_table, prefix_len, task_of_row, q.shape[2], dtype)
 
 
 def concat_sdpa(
@@ -134,6 +141,7 @@ def concat_sdpa(
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
     prefix_bias: torch.Tensor,
+    prefix_table: torch.Tensor,
     prefix_len: torch.Tensor,
     task_of_row: torch.Tensor,
     *,
@@ -141,9 +149,8 @@ def concat_sdpa(
 ) -> torch.Tensor:
     """The baseline: per-layer gather + concatenation of K/V, then SDPA with the additive mask."""
     del prefix_bias, prefix_len  # already folded into ``mask``
-    rows = task_of_row.long()
-    keys = torch.cat([prefix_k.index_select(0, rows), k], dim=2)
-    values = torch.cat([prefix_v.index_select(0, rows), v], dim=2)
+    keys = torch.cat([gather_prefix(prefix_k, prefix_table, task_of_row), k], dim=2)
+    values = torch.cat([gather_prefix(prefix_v, prefix_table, task_of_row), v], dim=2)
     return sdpa(q, keys, values, attn_mask=mask)
 
 

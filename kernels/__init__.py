@@ -1,9 +1,19 @@
-"""Attention kernels over a per-row task prefix.
+"""Attention kernels over a per-row task prefix read from a paged pool.
 
-``prefix_attention_reference`` is the pure-PyTorch contract (``prefix_attention_cascade_reference``
-computes it as tokens and prefix apart, merged). Two Triton backends implement it, each imported on
-first call so that importing :mod:`kernels` never imports :mod:`triton` (check :func:`triton_available`
-first; the ``triton_*`` modules are the only ones importing it):
+The contract (:mod:`kernels.reference` has it in full)::
+
+    out = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row)
+
+q, k, v ``[B, H, N, d]``; prefix_k, prefix_v one layer's pool of prefix rows ``[H, R, d]``; prefix_bias
+``[R]``; prefix_table ``[slots, P]`` (pool row of each slot's j-th prefix position, vLLM's block table
+with block size 1); prefix_len ``[slots]``; task_of_row ``[B]``. Row ``b`` attends, under one softmax,
+to the pool rows its slot's table names up to the slot's length, then to its own tokens.
+
+``prefix_attention_reference`` is the plain per-row oracle (``prefix_attention_cascade_reference``
+computes it as tokens and prefix apart, merged; ``gather_prefix`` and ``prefix_mask`` give the padded
+batched form the runtime's PyTorch backend feeds to SDPA). Two Triton backends implement it, each
+imported on first call so that importing :mod:`kernels` never imports :mod:`triton` (check
+:func:`triton_available` first; the ``triton_*`` modules are the only ones importing it):
 
 * ``"triton"``, :func:`prefix_attention`: one fused kernel streaming the prefix and the tokens.
 * ``"cascade"``, :func:`prefix_attention_cascade`: the vendor's SDPA (cuDNN) over the tokens with its
@@ -21,11 +31,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kernels.reference import prefix_attention_cascade_reference, prefix_attention_reference, prefix_mask
+from kernels.reference import (
+    gather_prefix,
+    prefix_attention_cascade_reference,
+    prefix_attention_reference,
+    prefix_mask,
+)
 
 __all__ = [
     "BACKENDS",
     "attention_backend",
+    "gather_prefix",
     "prefix_attention",
     "prefix_attention_cascade",
     "prefix_attention_cascade_reference",
@@ -64,6 +80,7 @@ def prefix_attention(
     prefix_k: Tensor,
     prefix_v: Tensor,
     prefix_bias: Tensor,
+    prefix_table: Tensor,
     prefix_len: Tensor,
     task_of_row: Tensor,
     scale: float | None = None,
@@ -71,7 +88,7 @@ def prefix_attention(
     """The fused Triton kernel (see :mod:`kernels.triton_prefix`); same contract as the reference."""
     from kernels.triton_prefix import prefix_attention as kernel
 
-    return kernel(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, scale)
+    return kernel(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row, scale)
 
 
 def prefix_attention_cascade(
@@ -81,6 +98,7 @@ def prefix_attention_cascade(
     prefix_k: Tensor,
     prefix_v: Tensor,
     prefix_bias: Tensor,
+    prefix_table: Tensor,
     prefix_len: Tensor,
     task_of_row: Tensor,
     scale: float | None = None,
@@ -88,7 +106,7 @@ def prefix_attention_cascade(
     """Vendor SDPA + prefix-and-merge kernel (see :mod:`kernels.triton_cascade`); same contract."""
     from kernels.triton_cascade import prefix_attention_cascade as cascade
 
-    return cascade(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, scale)
+    return cascade(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row, scale)
 
 
 BACKENDS: dict[str, PrefixAttention] = {

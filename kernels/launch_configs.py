@@ -6,7 +6,11 @@ module, ``configs/h100-prefix-kernel-sweep.json``: the kernel launched with 60 f
 N = 197, 8 tasks, every prefix full; ``ms`` is the kernel's median time. :func:`derive_table` turns it
 into :data:`H100_PREFIX`, and a test checks that the two agree, so the table cannot drift from its data.
 
-A launch picks the measured case nearest to its (batch, longest prefix) on a ``log2(1 + x)`` scale.
+The sweep predates the paged prefix pool (it read each task's prefix from a padded per-task table);
+the kernel's loop and block shapes are unchanged by the pool, which adds one gather of BLOCK_N row
+indices per prefix block, so its configurations are kept, not re-measured. A launch picks the measured
+case nearest to its (batch, table width P) on a ``log2(1 + x)`` scale: P is the longest prefix of the
+loaded tasks, the bound of the longest row's prefix loop, as the sweep's full prefixes of length P were.
 fp16 uses the bf16 measurements (same element size). Anything not measured (another GPU, fp32, head
 dim 32) gets a conservative default whose shared-memory footprint fits every GPU Triton supports.
 Triton's CPU interpreter runs one tiny configuration.
@@ -89,26 +93,26 @@ def _nearest(value: int, measured: Iterable[int]) -> int:
 
 
 def prefix_config(
-    capability: tuple[int, int] | None, head_dim: int, dtype: torch.dtype, batch: int, p_max: int
+    capability: tuple[int, int] | None, head_dim: int, dtype: torch.dtype, batch: int, prefix: int
 ) -> LaunchConfig:
-    """Configuration of the fused prefix kernel for one launch (see the module docstring)."""
+    """Configuration of the fused prefix kernel for one launch, ``prefix`` the table width P (see above)."""
     if capability is None:
         return INTERPRETER
     measured = {(b, p) for d, b, p in H100_PREFIX if d == head_dim}
     if capability != SWEEP_CAPABILITY or dtype not in SWEEP_DTYPES or not measured:
         return DEFAULT_FP32 if dtype == torch.float32 else DEFAULT_16BIT
     near_b = _nearest(batch, {b for b, _ in measured})
-    near_p = _nearest(p_max, {p for b, p in measured if b == near_b})
+    near_p = _nearest(prefix, {p for b, p in measured if b == near_b})
     return H100_PREFIX[head_dim, near_b, near_p]
 
 
-def cascade_config(capability: tuple[int, int] | None, dtype: torch.dtype, p_max: int) -> LaunchConfig:
-    """Configuration of the cascade's prefix-and-merge kernel (unmeasured defaults, see above)."""
+def cascade_config(capability: tuple[int, int] | None, dtype: torch.dtype, prefix: int) -> LaunchConfig:
+    """The cascade's prefix-and-merge kernel, ``prefix`` the table width P (unmeasured defaults above)."""
     if capability is None:
         return INTERPRETER
     if dtype == torch.float32:
         return DEFAULT_FP32
-    return CASCADE_16BIT if p_max <= 16 else CASCADE_WIDE
+    return CASCADE_16BIT if prefix <= 16 else CASCADE_WIDE
 
 
 def derive_table(

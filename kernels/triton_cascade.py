@@ -1,28 +1,28 @@
 """Cascade prefix attention: the vendor's SDPA over the row's tokens, then a fused prefix-and-merge kernel.
 
-cuDNN attention over a row's own N tokens is the floor of this layer; a per-row prefix with a bias and a
-length mask takes every SDPA kernel off its fast path. So the two parts are computed apart and merged
-exactly (the cascade of FlashInfer's ``merge_state``):
+cuDNN attention over a row's own N tokens is the floor of this layer; a per-row prefix gathered from a
+paged pool, with a bias and a length mask, takes every SDPA kernel off its fast path. So the two parts
+are computed apart and merged exactly (the cascade of FlashInfer's ``merge_state``):
 
 1. :func:`kernels.token_attention.token_attention`: ``out_t`` and its log-sum-exp ``lse_t`` from the
    vendor kernel (cuDNN on an H100).
 2. :func:`_prefix_merge_kernel`, one program per block of BLOCK_M queries of one head of one row: the
    token part enters the online softmax as one pseudo-key whose base-2 logit is ``lse_t * log2(e)``
    and whose value is ``out_t`` (running state ``m = lse_t * log2(e)``, ``l = 1``, ``acc = out_t``);
-   the task's prefix blocks are then folded in with the fused kernel's own step
-   (:func:`kernels.triton_prefix.attend_prefix`), and ``acc / l`` is written over ``out_t`` in place.
-   This is ``(e^lse_t out_t + sum_j e^s_j v_j) / (e^lse_t + sum_j e^s_j)``: the single softmax over
+   the slot's prefix is then folded in, gathered from the pool through its table row up to the slot's
+   own length, with the fused kernel's own step (:func:`kernels.triton_prefix.attend_prefix`), and
+   ``acc / l`` is written over ``out_t`` in place. This is
+   ``(e^lse_t out_t + sum_j e^s_j v_j) / (e^lse_t + sum_j e^s_j)``: the single softmax over
    ``[prefix ; tokens]``. An empty or fully masked prefix leaves ``out_t`` as it was.
 
 The merge reads q and ``out_t`` once and writes the output once; the prefix keys/values are a few
-blocks per task, shared by all rows of the task and the batch, and stay in L2.
+blocks of pool rows per task, shared by all rows of the task and the batch, and stay in L2.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,19 +34,20 @@ from kernels.triton_prefix import LOG2E, LOG2E_HOST, attend_prefix, check_contra
 __all__ = ["prefix_attention_cascade"]
 
 
-@triton.jit(do_not_specialize=["P_MAX"])
+@triton.jit(do_not_specialize=["P"])
 def _prefix_merge_kernel(
-    Q, PK, PV, PBIAS, PLEN, TASK, Out, LSE,
+    Q, PK, PV, PBIAS, TABLE, PLEN, TASK, Out, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_pbt, stride_pbn,
+    stride_pkh, stride_pkr, stride_pkd,
+    stride_pvh, stride_pvr, stride_pvd,
+    stride_pb,
+    stride_tt, stride_tp,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     qk_scale,
     H,
     N_CTX,
-    P_MAX,
+    P,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -60,7 +61,7 @@ def _prefix_merge_kernel(
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     task = tl.load(TASK + off_b).to(tl.int64)
-    plen = tl.minimum(tl.load(PLEN + task), P_MAX)
+    plen = tl.minimum(tl.load(PLEN + task), P)  # as in the fused kernel: never read past the table
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -82,9 +83,10 @@ def _prefix_merge_kernel(
 
     acc, l_i, m_i = attend_prefix(
         acc, l_i, m_i, q,
-        PK + task * stride_pkt + off_h * stride_pkh, stride_pkn, stride_pkd,
-        PV + task * stride_pvt + off_h * stride_pvh, stride_pvn, stride_pvd,
-        PBIAS + task * stride_pbt, stride_pbn,
+        TABLE + task * stride_tt, stride_tp,
+        PK + off_h * stride_pkh, stride_pkr, stride_pkd,
+        PV + off_h * stride_pvh, stride_pvr, stride_pvd,
+        PBIAS, stride_pb,
         plen, offs_n, offs_d, d_mask, qk_scale, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
 
@@ -99,6 +101,7 @@ def prefix_attention_cascade(
     prefix_k: Tensor,
     prefix_v: Tensor,
     prefix_bias: Tensor,
+    prefix_table: Tensor,
     prefix_len: Tensor,
     task_of_row: Tensor,
     scale: float | None = None,
@@ -112,26 +115,23 @@ def prefix_attention_cascade(
     part). The first call per (device, dtype, H, N, d) checks the token kernel and synchronizes: call
     once eagerly before capturing a CUDA graph (see :mod:`kernels.token_attention`).
     """
-    check_contract(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row)
+    check_contract(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row)
     batch, heads, n_ctx, head_dim = q.shape
-    p_max = prefix_k.shape[2]
+    width = prefix_table.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     out, lse = token_attention(q, k, v, scale)
-    if batch == 0 or p_max == 0:
+    if batch == 0 or width == 0:  # no prefix at all: the token part is the answer
         return out
-    prefix_len = prefix_len.to(torch.int32)
-    task_of_row = task_of_row.to(torch.int32)
-    prefix_bias = prefix_bias.to(torch.float32)
-    config = cascade_config(device_capability(q.device), q.dtype, p_max)
+    config = cascade_config(device_capability(q.device), q.dtype, width)
     grid = (triton.cdiv(n_ctx, config.block_m) * batch * heads,)
     _prefix_merge_kernel[grid](
-        q, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, out, lse,
+        q, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row, out, lse,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *prefix_bias.stride(),
-        *out.stride(), *lse.stride(),
+        *prefix_table.stride(), *out.stride(), *lse.stride(),
         scale * LOG2E_HOST,
         heads,
         n_ctx,
-        p_max,
+        width,
         **launch_options(config, head_dim, q.dtype),
     )  # fmt: skip
     return out

@@ -1,12 +1,13 @@
-"""Triton kernel: attention over a per-row task prefix without concatenation.
+"""Triton kernel: attention over a per-row task prefix, read from a paged pool, without concatenation.
 
-Row ``b`` of the batch belongs to task ``t = task_of_row[b]`` and attends, with a single softmax, to
-the keys ``[prefix_k[t, :, :prefix_len[t]] ; k[b]]`` (see :mod:`kernels.reference` for the contract).
-The obvious implementation gathers the prefix of every row and concatenates it with the row's own keys
-and values, materialising a ``[B, H, P_max + N, d]`` tensor per layer. This kernel never builds it:
-each program (one query block of one head of one row) reads the row's task index, streams that task's
-prefix keys/values straight from the shared prefix tables and then streams the row's own keys/values,
-folding both sources into one online ("flash") softmax, as in the Triton tutorial 06-fused-attention.
+Row ``b`` of the batch belongs to slot ``t = task_of_row[b]`` and attends, with a single softmax, to
+the keys ``[prefix_k[:, prefix_table[t, :prefix_len[t]]] ; k[b]]`` (see :mod:`kernels.reference` for the
+contract). The obvious implementation gathers the prefix of every row and concatenates it with the row's
+own keys and values, materialising a ``[B, H, P + N, d]`` tensor per layer. This kernel never builds it:
+each program (one query block of one head of one row) reads the row's slot, walks that slot's table row
+up to the slot's own prefix length, a block of pool-row indices at a time, gathers those rows' keys,
+values and biases straight from the pool, then streams the row's own keys/values, folding both sources
+into one online ("flash") softmax, as in the Triton tutorial 06-fused-attention.
 
 Online softmax, per query row, over key blocks ``j = 1, 2, ...`` with logits ``s_j``::
 
@@ -44,6 +45,7 @@ LOG2E_HOST = 1.4426950408889634  # log2(e) on the host: e^x == 2^(x * log2(e))
 LOG2E: tl.constexpr = tl.constexpr(LOG2E_HOST)  # the same constant, visible inside kernels
 HEAD_DIMS = (32, 64, 80, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
@@ -79,29 +81,32 @@ def attend_block(
     return acc, l_i, m_new
 
 
-# P_MAX follows the loaded tasks; not specializing on it keeps one compiled variant per configuration.
 @triton.jit
 def attend_prefix(
     acc, l_i, m_i, q,
-    pk_base, stride_pkn, stride_pkd,
-    pv_base, stride_pvn, stride_pvd,
-    pb_base, stride_pbn,
+    table_base, stride_tp,
+    pk_base, stride_pkr, stride_pkd,
+    pv_base, stride_pvr, stride_pvd,
+    PBIAS, stride_pb,
     plen, offs_n, offs_d, d_mask, qk_scale,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Fold one task's prefix (its first ``plen`` rows, each with its logit bias) into the softmax state.
+    """Fold one slot's prefix into the softmax state: its first ``plen`` table entries name pool rows.
 
-    Logit = q.k * scale + bias[j], in base 2; slots at or past ``plen`` are ``-inf``. Shared by the
+    Each step loads BLOCK_N pool-row indices from the slot's table row, then gathers those rows' keys,
+    values and biases (``*_base`` already point at this head). Logit = q.k * scale + bias[row], in base
+    2; positions at or past ``plen`` are ``-inf`` and their table entries are never read. Shared by the
     fused kernel (its first pass) and the cascade's merge kernel (after the token part).
     """
     for start_n in range(0, plen, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < plen
-        bias = tl.load(pb_base + cols * stride_pbn, mask=col_ok, other=0.0).to(tl.float32)
+        rows = tl.load(table_base + cols * stride_tp, mask=col_ok, other=0).to(tl.int64)
+        bias = tl.load(PBIAS + rows * stride_pb, mask=col_ok, other=0.0).to(tl.float32)
         logit_bias = tl.where(col_ok, bias * LOG2E, float("-inf"))
-        kt_ptrs = pk_base + cols[None, :] * stride_pkn + offs_d[:, None] * stride_pkd
-        v_ptrs = pv_base + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
+        kt_ptrs = pk_base + rows[None, :] * stride_pkr + offs_d[:, None] * stride_pkd
+        v_ptrs = pv_base + rows[:, None] * stride_pvr + offs_d[None, :] * stride_pvd
         acc, l_i, m_i = attend_block(
             acc, l_i, m_i, q,
             kt_ptrs, col_ok[None, :] & d_mask[:, None],
@@ -111,20 +116,22 @@ def attend_prefix(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["P_MAX"])
+# P (the table's width) follows the loaded tasks; not specializing on it keeps one compiled variant.
+@triton.jit(do_not_specialize=["P"])
 def _prefix_attention_kernel(
-    Q, K, V, PK, PV, PBIAS, PLEN, TASK, Out,
+    Q, K, V, PK, PV, PBIAS, TABLE, PLEN, TASK, Out,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_pbt, stride_pbn,
+    stride_pkh, stride_pkr, stride_pkd,
+    stride_pvh, stride_pvr, stride_pvd,
+    stride_pb,
+    stride_tt, stride_tp,
     stride_ob, stride_oh, stride_on, stride_od,
     qk_scale,
     H,
     N_CTX,
-    P_MAX,
+    P,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -140,9 +147,9 @@ def _prefix_attention_kernel(
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
-    # The row's task selects which prefix table slice (and which bias row / length) it attends to.
+    # The row's slot selects its table row and length; the loop below runs over that length only.
     task = tl.load(TASK + off_b).to(tl.int64)
-    plen = tl.minimum(tl.load(PLEN + task), P_MAX)  # slots past the table are never valid
+    plen = tl.minimum(tl.load(PLEN + task), P)  # a length past the table's width would read beyond it
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -159,12 +166,13 @@ def _prefix_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Pass 1: the task's prefix.
+    # Pass 1: the slot's prefix, gathered from the pool through its table row.
     acc, l_i, m_i = attend_prefix(
         acc, l_i, m_i, q,
-        PK + task * stride_pkt + off_h * stride_pkh, stride_pkn, stride_pkd,
-        PV + task * stride_pvt + off_h * stride_pvh, stride_pvn, stride_pvd,
-        PBIAS + task * stride_pbt, stride_pbn,
+        TABLE + task * stride_tt, stride_tp,
+        PK + off_h * stride_pkh, stride_pkr, stride_pkd,
+        PV + off_h * stride_pvh, stride_pvr, stride_pvd,
+        PBIAS, stride_pb,
         plen, offs_n, offs_d, d_mask, qk_scale, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
 
@@ -198,10 +206,14 @@ def check_contract(
     prefix_k: Tensor,
     prefix_v: Tensor,
     prefix_bias: Tensor,
+    prefix_table: Tensor,
     prefix_len: Tensor,
     task_of_row: Tensor,
 ) -> None:
-    """Raise ``ValueError`` unless the inputs fit the attention contract and the kernels' limits."""
+    """Raise ``ValueError`` unless the inputs fit the attention contract and the kernels' limits.
+
+    Checks shapes, dtypes and devices only: reading the indices' values would synchronize the device.
+    """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one [B, H, N, d] shape, got {q.shape}, {k.shape}, {v.shape}")
     batch, heads, n_ctx, head_dim = q.shape
@@ -209,16 +221,36 @@ def check_contract(
         raise ValueError(f"head dim {head_dim} is not supported (expected one of {HEAD_DIMS})")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    tasks, _, p_max, _ = prefix_k.shape
-    if prefix_k.shape != (tasks, heads, p_max, head_dim) or prefix_v.shape != prefix_k.shape:
+    if prefix_k.dim() != 3 or prefix_k.shape[::2] != (heads, head_dim) or prefix_v.shape != prefix_k.shape:
         raise ValueError(
-            f"prefix_k/prefix_v must be [tasks, {heads}, P_max, {head_dim}], "
+            f"prefix_k/prefix_v must be one pool [{heads}, R, {head_dim}], "
             f"got {tuple(prefix_k.shape)}, {tuple(prefix_v.shape)}"
         )
-    if prefix_bias.shape != (tasks, p_max) or prefix_len.shape != (tasks,) or task_of_row.shape != (batch,):
+    if prefix_k.dtype not in DTYPES or prefix_v.dtype != prefix_k.dtype:
         raise ValueError(
-            f"expected prefix_bias [{tasks}, {p_max}], prefix_len [{tasks}], task_of_row [{batch}]; got "
+            f"prefix_k/prefix_v must share a dtype among {DTYPES}, got {prefix_k.dtype}, {prefix_v.dtype}"
+        )
+    if prefix_table.dim() != 2:
+        raise ValueError(f"prefix_table must be [slots, P], got {tuple(prefix_table.shape)}")
+    (slots, _), pool_rows = prefix_table.shape, prefix_k.shape[1]
+    if prefix_bias.shape != (pool_rows,) or prefix_len.shape != (slots,) or task_of_row.shape != (batch,):
+        raise ValueError(
+            f"expected prefix_bias [{pool_rows}], prefix_len [{slots}], task_of_row [{batch}]; got "
             f"{tuple(prefix_bias.shape)}, {tuple(prefix_len.shape)}, {tuple(task_of_row.shape)}"
+        )
+    if not prefix_bias.is_floating_point():
+        raise ValueError(f"prefix_bias must be floating point (fp32), got {prefix_bias.dtype}")
+    for name, index in (
+        ("prefix_table", prefix_table),
+        ("prefix_len", prefix_len),
+        ("task_of_row", task_of_row),
+    ):
+        if index.dtype not in INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 or int64, got {index.dtype}")
+    inputs = (k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row)
+    if any(tensor.device != q.device for tensor in inputs):
+        raise ValueError(
+            f"every input must be on q's device {q.device}, got {[str(t.device) for t in inputs]}"
         )
     if n_ctx == 0:
         raise ValueError("attention needs at least one token per row")
@@ -231,41 +263,41 @@ def prefix_attention(
     prefix_k: Tensor,
     prefix_v: Tensor,
     prefix_bias: Tensor,
+    prefix_table: Tensor,
     prefix_len: Tensor,
     task_of_row: Tensor,
     scale: float | None = None,
 ) -> Tensor:
-    """Attention of every row over its task's prefix followed by its own tokens, in one pass.
+    """Attention of every row over its slot's prefix followed by its own tokens, in one pass.
 
     Same contract as :func:`kernels.reference.prefix_attention_reference`. Shapes: q, k, v
-    ``[B, H, N, d]`` (any strides, e.g. views of a fused qkv projection); prefix_k, prefix_v
-    ``[tasks, H, P_max, d]``; prefix_bias ``[tasks, P_max]``; prefix_len ``[tasks]``;
-    task_of_row ``[B]``. ``d`` must be one of 32, 64, 80, 128; inputs fp16, bf16 or fp32 (the
-    prefix tables are cast to q's dtype on load). Returns a contiguous ``[B, H, N, d]`` tensor in
-    q's dtype. Softmax statistics and accumulation are fp32. The launch configuration is fixed
-    per (GPU, head dim, dtype, batch, P_max) by :func:`kernels.launch_configs.prefix_config`.
+    ``[B, H, N, d]`` (any strides, e.g. views of a fused qkv projection); prefix_k, prefix_v the pool
+    ``[H, R, d]`` (any strides); prefix_bias ``[R]``; prefix_table ``[slots, P]``; prefix_len
+    ``[slots]``; task_of_row ``[B]`` (index tensors int32 or int64, read as they are). ``d`` must be
+    one of 32, 64, 80, 128; inputs fp16, bf16 or fp32 (the pool is cast to q's dtype on load).
+    Returns a contiguous ``[B, H, N, d]`` tensor in q's dtype. Softmax statistics and accumulation
+    are fp32. No host synchronization and no shape depends on the indices' values, so the call can
+    be captured in a CUDA graph. The launch configuration is fixed per (GPU, head dim, dtype, batch,
+    P) by :func:`kernels.launch_configs.prefix_config`.
     """
-    check_contract(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row)
+    check_contract(q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row)
     batch, heads, n_ctx, head_dim = q.shape
-    p_max = prefix_k.shape[2]
+    width = prefix_table.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    # Small index tensors only; the big K/V inputs are read in place through their strides.
-    prefix_len = prefix_len.to(torch.int32)
-    task_of_row = task_of_row.to(torch.int32)
-    prefix_bias = prefix_bias.to(torch.float32)
     out = torch.empty((batch, heads, n_ctx, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    config = prefix_config(device_capability(q.device), head_dim, q.dtype, batch, p_max)
+    config = prefix_config(device_capability(q.device), head_dim, q.dtype, batch, width)
     grid = (triton.cdiv(n_ctx, config.block_m) * batch * heads,)
     _prefix_attention_kernel[grid](
-        q, k, v, prefix_k, prefix_v, prefix_bias, prefix_len, task_of_row, out,
+        q, k, v, prefix_k, prefix_v, prefix_bias, prefix_table, prefix_len, task_of_row, out,
         *q.stride(), *k.stride(), *v.stride(),
-        *prefix_k.stride(), *prefix_v.stride(), *prefix_bias.stride(), *out.stride(),
+        *prefix_k.stride(), *prefix_v.stride(), *prefix_bias.stride(), *prefix_table.stride(),
+        *out.stride(),
         scale * LOG2E_HOST,
         heads,
         n_ctx,
-        p_max,
+        width,
         **launch_options(config, head_dim, q.dtype),
     )  # fmt: skip
     return out
