@@ -171,6 +171,27 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--load-task", action="append", default=[], help="explicit mode: load at start ('*': all)"
     )
     parser.add_argument("--poll-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--max-resident-tasks",
+        type=int,
+        default=None,
+        help="tasks kept in the engine's tables (default: all); others load on their first request",
+    )
+    parser.add_argument(
+        "--max-resident-mb", type=float, default=None, help="bytes of tasks kept in the tables, in MiB"
+    )
+    parser.add_argument(
+        "--host-cache-mb",
+        type=float,
+        default=1024.0,
+        help="with a resident budget: evicted tasks kept compiled in host memory, in MiB",
+    )
+    parser.add_argument(
+        "--pin-task",
+        action="append",
+        default=[],
+        help="load at start and never evict (repeatable; also the load parameter pin=true)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-queue-size", type=int, default=256)
@@ -275,6 +296,10 @@ def server_config(args: argparse.Namespace) -> Any:
         model_control_mode=args.model_control_mode,
         load_tasks=args.load_task,
         poll_seconds=args.poll_seconds,
+        max_resident_tasks=args.max_resident_tasks,
+        max_resident_mb=args.max_resident_mb,
+        host_cache_mb=args.host_cache_mb,
+        pin_tasks=args.pin_task,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,

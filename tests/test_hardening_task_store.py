@@ -125,14 +125,14 @@ def test_an_unexpected_failure_also_stays_with_its_task(
     tiny_backbone: Backbone, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = TaskRegistry(tiny_backbone)
-    add = registry.add
+    insert = registry.insert
 
-    def failing_add(package):
-        if package.task_id == "task-1":
+    def failing_insert(task, new_version=True):
+        if task.task_id == "task-1":
             raise MemoryError
-        return add(package)
+        return insert(task, new_version)
 
-    monkeypatch.setattr(registry, "add", failing_add)
+    monkeypatch.setattr(registry, "insert", failing_insert)
     store = TaskStore(directory, registry, mode="none")
     store.start()
     assert states(store) == {"task-0": "READY", "task-1": "UNAVAILABLE", "task-2": "READY"}

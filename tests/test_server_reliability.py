@@ -44,7 +44,7 @@ from tests.server_helpers import (
 
 
 class CountingRegistry:
-    """A registry that counts holds not yet released, and can block ``add`` until told to go on."""
+    """A registry that counts holds not yet released, and can block ``insert`` until told to go on."""
 
     def __init__(self, registry: TaskRegistry) -> None:
         self._registry = registry
@@ -65,11 +65,11 @@ class CountingRegistry:
         with self._lock:
             self.held -= 1
 
-    def add(self, package):
+    def insert(self, task, new_version=True):
         if self.block_adds:
             self.add_entered.set()
             assert self.add_may_finish.wait(30)
-        return self._registry.add(package)
+        return self._registry.insert(task, new_version)
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._registry

@@ -432,8 +432,11 @@ class TaskRegistry:
         """Compile and load a task, or replace the resident version of the same id."""
         return self.insert(PreparedTask.of(package, self.backbone))
 
-    def insert(self, task: PreparedTask) -> TaskEntry:
-        """Write a compiled task into the tables (replacing its resident version). Returns its entry."""
+    def insert(self, task: PreparedTask, new_version: bool = True) -> TaskEntry:
+        """Write a compiled task into the tables (replacing its resident version). Returns its entry.
+
+        ``new_version=False``: the same package made resident again (after an eviction) keeps the
+        version it had."""
         started = time.perf_counter()
         with self._writing:
             with self._lock:
@@ -465,7 +468,9 @@ class TaskRegistry:
                 )
                 self._rows[slot] = rows
                 self._tables.write(slot, rows, task)
-                version = self._versions.get(task.task_id, 0) + 1
+                version = self._versions.get(task.task_id, 0) + (
+                    new_version or task.task_id not in self._versions
+                )
                 self._versions[task.task_id] = version
                 entry = TaskEntry(
                     task_id=task.task_id,
@@ -474,9 +479,7 @@ class TaskRegistry:
                     info=task.info,
                     prefix_len=task.prefix_len,
                     num_classes=task.num_classes,
-                    nbytes=compiled_nbytes(
-                        self.backbone.spec, self.backbone.dtype, task.prefix_len, task.num_classes
-                    ),
+                    nbytes=self.entry_bytes(task),
                     loaded_at=time.time(),
                     load_seconds=task.prepare_seconds + time.perf_counter() - started,
                 )
@@ -571,6 +574,10 @@ class TaskRegistry:
             return self._snapshot.tasks[task_id]
         except KeyError:
             raise UnknownTaskError(task_id) from None
+
+    def entry_bytes(self, task: PreparedTask) -> int:
+        """What ``task`` would hold in these tables: its exact compiled size at the backbone's dtype."""
+        return compiled_nbytes(self.backbone.spec, self.backbone.dtype, task.prefix_len, task.num_classes)
 
     def memory(self) -> dict[str, int]:
         """Bytes per resident task (its exact compiled size), plus the tables' allocated total (free

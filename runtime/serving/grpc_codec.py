@@ -173,3 +173,12 @@ def repository_index(entries: Iterable[IndexEntry]) -> pb.RepositoryIndexRespons
     for entry in entries:
         response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
     return response
+
+
+def repository_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, object]:
+    """A load/unload request's parameters as plain values (``None`` for one that sets no value)."""
+    values: dict[str, object] = {}
+    for name, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[name] = None if choice is None else getattr(parameter, choice)
+    return values

@@ -224,9 +224,9 @@ def repository_index(entries: Iterable[IndexEntry]) -> list[dict[str, str]]:
     return [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in entries]
 
 
-def control_parameters(body: bytes) -> list[str]:
-    """The parameter names of a load/unload body (``{"parameters": {...}}``)."""
-    return list(_parameters(json_object(body, "request").get("parameters"), "parameters"))
+def control_parameters(body: bytes) -> dict[str, object]:
+    """The parameters of a load/unload body (``{"parameters": {...}}``)."""
+    return dict(_parameters(json_object(body, "request").get("parameters"), "parameters"))
 
 
 # -- JSON shapes -----------------------------------------------------------------------------------

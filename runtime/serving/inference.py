@@ -16,11 +16,13 @@ gRPC (``runtime.serving.servicer``) and an HTTP front end are thin adapters over
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -64,6 +66,48 @@ UNKNOWN_TASK_LABEL = "_unknown"
 DEADLINE_SLACK_SECONDS = 0.005
 # Load parameters tritonclient sends that mean nothing here (tasks have no dependents).
 IGNORED_LOAD_PARAMETERS = frozenset({"unload_dependents"})
+
+
+# A request whose task was evicted between its load and its hold loads it again this often at most.
+LOAD_ATTEMPTS = 3
+# Load parameters that pin a task: ``pin`` itself, and tritonclient's ``config`` (a model config JSON).
+PIN_PARAMETERS = frozenset({"pin", "config"})
+
+
+class _EvictedError(ServingError):
+    """The request's registered task was not resident when its hold was taken."""
+
+
+def load_pin(parameters: Mapping[str, object]) -> bool | None:
+    """What a load's parameters say of pinning: True, False, or None (nothing said)."""
+    pin = parameters.get("pin")
+    config = parameters.get("config")
+    if config is not None:
+        try:
+            document = json.loads(config) if isinstance(config, str | bytes) else None
+        except ValueError:
+            document = None
+        parameters_in = document.get("parameters") if isinstance(document, dict) else None
+        if (
+            set(document or {}) != {"parameters"}
+            or not isinstance(parameters_in, dict)
+            or set(parameters_in) != {"pin"}
+        ):
+            raise ServingError(
+                Status.INVALID_ARGUMENT,
+                "load parameter 'config' is not supported beyond "
+                '{"parameters": {"pin": {"string_value": "true"}}}; '
+                "place the package in the task directory instead",
+            )
+        value = parameters_in["pin"]
+        pin = value.get("string_value") if isinstance(value, dict) else None
+    if pin is None or isinstance(pin, bool):
+        return pin
+    if isinstance(pin, str) and pin.lower() in ("true", "false"):
+        return pin.lower() == "true"
+    raise ServingError(
+        Status.INVALID_ARGUMENT, f"load parameter 'pin' must be a boolean, got {shown(str(pin))}"
+    )
 
 
 @dataclass(frozen=True)
@@ -125,18 +169,21 @@ class InferenceService:
             return False
         if not self.strict_readiness:
             return True
-        if self.store.failures():
+        if self.store.failures(on_demand=False):  # a request's own failed load fails only its requests
             return False
-        return len(self.registry) > 0 or not self.expects_tasks
+        return self.store.holds_tasks() or not self.expects_tasks
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata()
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        """Resident, or registered and loadable on its first request (then ``version`` is not checked
+        before it has loaded once)."""
         try:
             self._entry(name, version)
-        except ServingError:
-            return False
+        except ServingError as error:
+            if error.status is not Status.UNAVAILABLE:  # registered, never loaded: servable all the same
+                return False
         return self.ready.is_set()  # a loaded task is ready once the engine is warm, whatever its siblings
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -162,15 +209,25 @@ class InferenceService:
         if name:
             entries = [self._entry(name, version)]
         else:
-            entries = sorted(self.registry.snapshot.tasks.values(), key=lambda entry: entry.task_id)
+            known = {**self.store.cache.last_entries(), **self.registry.snapshot.tasks}
+            entries = sorted(known.values(), key=lambda entry: entry.task_id)
         device_type = self.registry.backbone.device.type
         return [
             statistics_of(entry, self.metrics.task_stats(entry.task_id), device_type) for entry in entries
         ]
 
     def _entry(self, name: str, version: str) -> TaskEntry:
-        """The loaded entry for metadata (unheld: never for computing)."""
+        """The task's entry for metadata (unheld: never for computing): the resident one, or the one it
+        had when last resident if it is registered but evicted."""
         entry = self.registry.snapshot.tasks.get(name)
+        if entry is None and self.store.servable(name):
+            entry = self.store.cache.last_entry(name)
+            if entry is None:
+                raise ServingError(
+                    Status.UNAVAILABLE,
+                    f"task {shown(name)} is registered but has not loaded yet: its metadata is known once "
+                    "it loads (on its first request, or load it)",
+                )
         if entry is None:
             raise ServingError(Status.NOT_FOUND, f"unknown task {shown(name)}: no loaded task has this id")
         self._check_version(entry, version)
@@ -191,18 +248,27 @@ class InferenceService:
         # The default executor, not the loader: the index answers while a slow load runs.
         return await asyncio.get_running_loop().run_in_executor(None, self.store.index, ready_only)
 
-    async def load(self, name: str, repository: str = "", parameters: Collection[str] = ()) -> None:
-        """Load or replace task ``name`` from the task directory (explicit mode only)."""
-        self._check_control(repository, parameters)
+    async def load(
+        self, name: str, repository: str = "", parameters: Mapping[str, object] = MappingProxyType({})
+    ) -> None:
+        """Load or replace task ``name`` from the task directory (explicit mode only).
+
+        Parameter ``pin`` (a boolean, or ``"true"``/``"false"``), or tritonclient's ``config`` holding
+        ``{"parameters": {"pin": {"string_value": "true"}}}``, pins the task in the tables (or unpins it).
+        """
+        pin = load_pin(parameters)
+        self._check_control(repository, [key for key in parameters if key not in PIN_PARAMETERS])
         try:
-            await asyncio.get_running_loop().run_in_executor(self.loader, self.store.load, name)
+            await asyncio.get_running_loop().run_in_executor(self.loader, self.store.load, name, pin)
         except PackageError as error:
             message = without_paths(f"failed to load {shown(name)}: {error}", self._hidden_paths)
             raise ServingError(Status.INVALID_ARGUMENT, message) from None
         except Exception as error:
             raise as_serving_error(error, self._hidden_paths) from None
 
-    async def unload(self, name: str, repository: str = "", parameters: Collection[str] = ()) -> None:
+    async def unload(
+        self, name: str, repository: str = "", parameters: Mapping[str, object] = MappingProxyType({})
+    ) -> None:
         """Unload task ``name``; requests already admitted still finish on its version."""
         self._check_control(repository, parameters)
         try:
@@ -272,12 +338,47 @@ class InferenceService:
         return failure
 
     def _labels(self, name: str) -> tuple[str, str | None]:
-        """Metric labels of a request for ``name`` before it holds a task: the loaded version's,
-        or the shared unknown-task label and no version (no Triton series for it)."""
+        """Metric labels of a request for ``name`` before it holds a task: the resident version's, the
+        name alone for a registered task, else the shared unknown-task label and no version (no
+        Triton series for it)."""
         entry = self.registry.snapshot.tasks.get(name)
-        return (name, str(entry.version)) if entry is not None else (UNKNOWN_TASK_LABEL, None)
+        if entry is not None:
+            return name, str(entry.version)
+        return (name, None) if self.store.servable(name) else (UNKNOWN_TASK_LABEL, None)
 
     async def _admit(self, request: InferRequest, deadline: float | None) -> _Admitted:
+        """Make the task resident if it is not, then hold it and decode the input on a decoding worker.
+
+        A task evicted between its load and its hold (a budget far smaller than the traffic's working
+        set) is loaded again, a few times at most."""
+        for attempt in range(LOAD_ATTEMPTS):
+            await self._resident(request.model_name)
+            try:
+                return await self._decode(request, deadline)
+            except _EvictedError:
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise ServingError(
+                        Status.UNAVAILABLE,
+                        f"task {shown(request.model_name)} was evicted before its request could run; retry",
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def _resident(self, name: str) -> None:
+        """Wait, without blocking the loop, for a registered task's load (shared by its waiters)."""
+        if name in self.registry or not self.store.servable(name):
+            return
+        started = time.perf_counter()
+        try:
+            await asyncio.shield(asyncio.wrap_future(self.store.fetch(name)))
+        except PackageError as error:
+            message = without_paths(f"task {shown(name)} could not be loaded: {error}", self._hidden_paths)
+            raise ServingError(Status.UNAVAILABLE, message) from None
+        except Exception as error:
+            raise as_serving_error(error, self._hidden_paths) from None
+        finally:
+            self.metrics.load_wait_seconds.observe(time.perf_counter() - started)
+
+    async def _decode(self, request: InferRequest, deadline: float | None) -> _Admitted:
         """Hold the task and decode the input on a decoding worker."""
         abandoned = threading.Event()
         job = self.preprocess.submit(self._prepare, request, deadline, abandoned)
@@ -314,8 +415,10 @@ class InferenceService:
 
     def _hold(self, name: str, version: str) -> TaskEntry:
         try:
-            entry = self.registry.hold(name)
+            entry = self.store.cache.hold(name)
         except UnknownTaskError:
+            if self.store.servable(name):
+                raise _EvictedError(Status.UNAVAILABLE, f"task {shown(name)} is not resident") from None
             raise ServingError(
                 Status.NOT_FOUND, f"unknown task {shown(name)}: no loaded task has this id"
             ) from None

@@ -148,6 +148,48 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # The task cache (runtime/serving/task_cache.py): tiers, misses, loads and evictions per task.
+        self.tasks_registered = Gauge(
+            "e2vpt_tasks_registered", "Tasks servable: resident, or loadable on demand", registry=r
+        )
+        self.cache_tasks = Gauge(
+            "e2vpt_cache_tasks",
+            "Tasks held per tier (device: resident in the tables; host: compiled)",
+            ["tier"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "e2vpt_cache_misses",
+            "Requests that found their task not resident and started its load",
+            registry=r,
+        )
+        self.cache_loads = Counter(
+            "e2vpt_cache_loads",
+            "Tasks made resident, by task and where from (host, disk)",
+            ["task", "source"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "e2vpt_cache_evictions", "Tasks evicted from the tables, by task", ["task"], registry=r
+        )
+        self.cache_over_budget = Counter(
+            "e2vpt_cache_over_budget",
+            "Loads that went over the resident budget: every resident task was pinned or in use",
+            registry=r,
+        )
+        self.cache_load_seconds = Histogram(
+            "e2vpt_cache_load_seconds",
+            "Time to make a task resident, by source (host, disk)",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load_wait_seconds = Histogram(
+            "e2vpt_load_wait_seconds",
+            "Time a request waited for its task to become resident",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Triton's names and labels, so its dashboards and perf_analyzer --collect-metrics read them.
         self.triton = TritonCounters()
         r.register(self.triton)

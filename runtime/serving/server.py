@@ -34,6 +34,7 @@ from runtime.serving.inference import InferenceService
 from runtime.serving.metrics import ServerMetrics
 from runtime.serving.preprocess import DEFAULT_MAX_PIXELS
 from runtime.serving.servicer import SERVICE_NAME, InferenceServicer
+from runtime.serving.task_cache import CacheBudget
 from runtime.serving.task_store import TaskStore
 from runtime.serving.threads import use_one_thread
 
@@ -67,6 +68,11 @@ class ServerConfig:
     model_control_mode: str = "none"
     load_tasks: list[str] = field(default_factory=list)
     poll_seconds: float = 5.0
+    # The task cache (runtime/serving/task_cache.py): None, None keeps every task resident.
+    max_resident_tasks: int | None = None
+    max_resident_mb: float | None = None
+    host_cache_mb: float = 1024.0
+    pin_tasks: list[str] = field(default_factory=list)
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
@@ -103,6 +109,14 @@ class ServerConfig:
     max_concurrent_rpcs: int | None = None
     max_streams_per_connection: int = 128
     idle_timeout_seconds: float = 300.0
+
+    def cache_budget(self) -> CacheBudget:
+        mib = 2**20
+        return CacheBudget(
+            max_resident_tasks=self.max_resident_tasks,
+            max_resident_bytes=None if self.max_resident_mb is None else int(self.max_resident_mb * mib),
+            max_host_bytes=int(self.host_cache_mb * mib),
+        )
 
     @property
     def concurrent_rpcs(self) -> int:
@@ -178,7 +192,6 @@ class InferenceServer:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics()
-        self.store = TaskStore(config.task_dir, engine.registry, config.model_control_mode, self.metrics)
         self.batcher = Batcher(
             engine,
             BatcherConfig(
@@ -200,6 +213,14 @@ class InferenceServer:
         # loads itself; more than one thread lets an unload pass a slow load.
         self.loader_pool = ThreadPoolExecutor(
             LOADER_THREADS, thread_name_prefix="e2vpt-loader", initializer=use_one_thread
+        )
+        self.store = TaskStore(
+            config.task_dir,
+            engine.registry,
+            config.model_control_mode,
+            self.metrics,
+            budget=config.cache_budget(),
+            loader=self.loader_pool,
         )
         self.readiness = threading.Event()
         self.service = InferenceService(
@@ -236,7 +257,9 @@ class InferenceServer:
         credentials = tls_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert or cfg.tls_key else None
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.loader_pool, self.store.start, cfg.load_tasks, cfg.poll_seconds)
+            await loop.run_in_executor(
+                self.loader_pool, self.store.start, cfg.load_tasks, cfg.poll_seconds, cfg.pin_tasks
+            )
             failed = self.store.failures()
             if failed and cfg.exit_on_error:
                 reasons = "; ".join(f"{task}: {reason}" for task, reason in sorted(failed.items())[:3])

@@ -88,7 +88,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         await _answer_async(
             context,
-            lambda: self.service.load(request.model_name, request.repository_name, list(request.parameters)),
+            lambda: self.service.load(
+                request.model_name,
+                request.repository_name,
+                grpc_codec.repository_parameters(request.parameters),
+            ),
         )
         return pb.RepositoryModelLoadResponse()
 
@@ -98,7 +102,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await _answer_async(
             context,
             lambda: self.service.unload(
-                request.model_name, request.repository_name, list(request.parameters)
+                request.model_name,
+                request.repository_name,
+                grpc_codec.repository_parameters(request.parameters),
             ),
         )
         return pb.RepositoryModelUnloadResponse()

@@ -8,6 +8,16 @@ loading new or changed files (by mtime and size) and unloading deleted ones.
 
 One bad file affects only its own task: any failure to load it is recorded as that task's state
 (shown by ``index``) and the start-up loads and scans go on with the other files.
+
+With a resident budget (:class:`runtime.serving.task_cache.CacheBudget`) the store *registers* tasks
+instead of loading them all: every package of the directory in ``none`` and ``poll`` modes, the
+``--load-task`` ids and every explicitly loaded task in ``explicit`` mode. A registered task is
+servable; :class:`runtime.serving.task_cache.TaskCache` makes it resident on its first request.
+
+Where packages come from is two calls, ``available`` (the ids, a listing) and ``_read_and_add``'s
+``_signature`` + ``load_package`` (one package's version stamp and bytes): an object store plugs in
+there (list the bucket's keys; an object's ETag or generation as its signature; its bytes read into
+memory, as files are).
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +42,9 @@ from runtime.core.package import (
     check_task_id,
     load_package,
 )
-from runtime.core.registry import TaskEntry, TaskRegistry, UnknownTaskError
+from runtime.core.registry import PreparedTask, TaskEntry, TaskRegistry, UnknownTaskError
 from runtime.serving.metrics import ServerMetrics
+from runtime.serving.task_cache import CacheBudget, TaskCache
 from runtime.serving.threads import use_one_thread
 
 log = logging.getLogger("e2vpt.tasks")
@@ -90,6 +103,8 @@ class TaskStore:
         registry: TaskRegistry,
         mode: str = "none",
         metrics: ServerMetrics | None = None,
+        budget: CacheBudget | None = None,
+        loader: Executor | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"model control mode {mode!r} is not one of {MODES}")
@@ -105,8 +120,30 @@ class TaskStore:
         self._signatures: dict[str, Signature] = {}
         self._failed_signatures: dict[str, Signature] = {}
         self._loading: dict[str, bool] = {}  # task id -> cancelled, while its load runs
+        self._registered: set[str] = set()  # servable on demand (bounded cache only)
+        self._on_demand_failures: set[str] = set()  # failed when a request needed them
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._own_loader = loader is None
+        self._loader = loader or ThreadPoolExecutor(1, "e2vpt-task-load", initializer=use_one_thread)
+        self.cache = TaskCache(registry, budget or CacheBudget(), metrics)
+
+    @property
+    def bounded(self) -> bool:
+        """A resident budget is set: tasks are registered, and resident on demand."""
+        return self.cache.budget.bounded
+
+    def servable(self, task_id: str) -> bool:
+        """Resident, or registered and loadable on demand."""
+        return task_id in self.registry or task_id in self._registered
+
+    def holds_tasks(self) -> bool:
+        """Some task is resident or registered."""
+        return len(self.registry) > 0 or bool(self._registered)
+
+    def fetch(self, task_id: str) -> Future[TaskEntry]:
+        """Make the registered ``task_id`` resident (on the loader): one load for all who wait."""
+        return self.cache.fetch(task_id, lambda: self._loader.submit(self.load, task_id, None, True))
 
     @property
     def backbone(self) -> Backbone:
@@ -133,8 +170,11 @@ class TaskStore:
                 ids.append(task_id)
         return sorted(ids)
 
-    def load(self, task_id: str) -> TaskEntry:
+    def load(self, task_id: str, pin: bool | None = None, on_demand: bool = False) -> TaskEntry:
         """Load or replace ``task_id`` from its package; a bad package leaves loaded tasks untouched.
+
+        ``pin``: True pins it in the tables, False unpins it, None leaves its pin as it was.
+        ``on_demand``: a request needs it (its failure then fails those requests, not readiness).
 
         Raises ``PackageError`` (invalid id, or a package that cannot be read, is corrupt or does not
         fit), ``TaskNotFoundError``, ``TaskLoadCancelledError``, or what compiling raised (e.g.
@@ -147,15 +187,23 @@ class TaskStore:
             self._count("failure")
             raise
         with self._load_lock:
+            resident = self.registry.snapshot.tasks.get(task_id)
+            if on_demand and resident is not None:  # an earlier load made it resident meanwhile
+                return resident
             with self._state_lock:
                 self._loading[task_id] = False
             try:
-                entry, signature = self._read_and_add(task_id)
+                entry, signature = self._read_and_add(task_id, pin, on_demand)
             except BaseException as error:
                 with self._state_lock:
                     del self._loading[task_id]
                     if not isinstance(error, TaskNotFoundError):  # only names with a file are remembered
                         self._errors[task_id] = _reason(error)
+                        if on_demand:
+                            self._on_demand_failures.add(task_id)
+                            # Its requests fail at once until the file changes: no re-read per request.
+                            with contextlib.suppress(OSError, PackageError, TaskNotFoundError):
+                                self._failed_signatures[task_id] = _signature(self.path_for(task_id))
                 self._count("failure")
                 self._log_failure(task_id, error)
                 raise
@@ -165,9 +213,12 @@ class TaskStore:
                     self._signatures[task_id] = signature
                     self._errors.pop(task_id, None)
                     self._failed_signatures.pop(task_id, None)
+                    self._on_demand_failures.discard(task_id)
+                    if self.bounded:
+                        self._registered.add(task_id)
             if cancelled:
                 with contextlib.suppress(UnknownTaskError):  # the unload already removed it
-                    self.registry.remove(task_id)
+                    self.cache.remove(task_id)
                 self._count(None)
                 log.info("task load cancelled by an unload", extra={"task": task_id})
                 raise TaskLoadCancelledError(f"the load of task {shown(task_id)} was cancelled by an unload")
@@ -178,15 +229,25 @@ class TaskStore:
         )
         return entry
 
-    def _read_and_add(self, task_id: str) -> tuple[TaskEntry, Signature]:
+    def _read_and_add(self, task_id: str, pin: bool | None, on_demand: bool) -> tuple[TaskEntry, Signature]:
         path = self.path_for(task_id)
         try:
             signature = _signature(path)
         except OSError as error:
             raise PackageError(f"task package {path.name}: cannot be read ({error.strerror})") from error
-        package = load_package(path, self.backbone, name=path.name)
-        self._check_fits(package, path.name, task_id)
-        return self.registry.add(package), signature
+        with self._state_lock:
+            unchanged = self._signatures.get(task_id) == signature
+            failed = on_demand and self._failed_signatures.get(task_id) == signature
+            reason = self._errors.get(task_id, "")
+        if failed:
+            raise PackageError(reason or f"task package {path.name}: failed to load")
+        # A compiled copy on the host is written back only while its file is the one it came from.
+        task = self.cache.host_copy(task_id) if unchanged else None
+        if task is None:
+            package = load_package(path, self.backbone, name=path.name)
+            self._check_fits(package, path.name, task_id)
+            task = PreparedTask.of(package, self.backbone)
+        return self.cache.put(task, pin, new_version=not (on_demand and unchanged)), signature
 
     def _check_fits(self, package: TaskPackage, file_name: str, task_id: str) -> None:
         if package.task_id != task_id:
@@ -212,20 +273,28 @@ class TaskStore:
             if cancelling:
                 self._loading[task_id] = True
             self._signatures.pop(task_id, None)
+        with self._state_lock:
+            registered = task_id in self._registered
+            self._registered.discard(task_id)
         try:
-            entry: TaskEntry | None = self.registry.remove(task_id)
+            entry: TaskEntry | None = self.cache.remove(task_id)
         except UnknownTaskError:
-            if not cancelling:
+            if not (cancelling or registered):
                 raise
             entry = None
         self._count(None)
         log.info("task unloaded", extra={"task": task_id, "version": entry.version if entry else None})
         return entry
 
-    def failures(self) -> dict[str, str]:
-        """The last load failure of each task whose package file exists but did not load."""
+    def failures(self, on_demand: bool = True) -> dict[str, str]:
+        """The last load failure of each task whose package file exists but did not load
+        (``on_demand=False``: only of loads no request asked for: start, polls, explicit loads)."""
         with self._state_lock:
-            return dict(self._errors)
+            return {
+                task_id: reason
+                for task_id, reason in self._errors.items()
+                if on_demand or task_id not in self._on_demand_failures
+            }
 
     def _log_failure(self, task_id: str, error: BaseException) -> None:
         if isinstance(error, PackageError | TaskNotFoundError):
@@ -241,6 +310,7 @@ class TaskStore:
         if seconds is not None:
             self.metrics.load_seconds.observe(seconds)
         self.metrics.tasks_loaded.set(len(self.registry))
+        self.metrics.tasks_registered.set(len(self._registered) if self.bounded else len(self.registry))
 
     def check_control_allowed(self) -> None:
         if self.mode != "explicit":
@@ -248,22 +318,30 @@ class TaskStore:
                 f"explicit model load / unload is not allowed in model control mode {self.mode!r}"
             )
 
-    def start(self, load_tasks: list[str] | None = None, poll_seconds: float = 5.0) -> None:
-        """Initial loads for the mode, then polling if asked.
+    def start(
+        self, load_tasks: list[str] | None = None, poll_seconds: float = 5.0, pin_tasks: Iterable[str] = ()
+    ) -> None:
+        """Initial loads (or registrations, with a budget) for the mode, then polling if asked.
 
         A package that fails is recorded and skipped, except one named in ``load_tasks`` in explicit
-        mode: the operator asked for that task, so its failure stops the start.
+        mode, or pinned: the operator asked for that task, so its failure stops the start. Pinned
+        tasks load at start and stay resident.
         """
         named = [t for t in load_tasks or [] if t != LOAD_ALL]
+        pinned = list(pin_tasks)
         if self.mode == "explicit":
             wanted = self.available() if LOAD_ALL in (load_tasks or []) else named
         else:
             wanted = self.available()
-        for task_id in wanted:
+        if self.bounded:
+            with self._state_lock:
+                self._registered.update(wanted)
+            wanted = []
+        for task_id in dict.fromkeys([*pinned, *wanted]):
             try:
-                self.load(task_id)
+                self.load(task_id, pin=True if task_id in pinned else None)
             except Exception:
-                if self.mode == "explicit" and task_id in named:
+                if task_id in pinned or (self.mode == "explicit" and task_id in named):
                     raise
         self._count(None)
         if self.mode == "poll":
@@ -276,6 +354,8 @@ class TaskStore:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+        if self._own_loader:
+            self._loader.shutdown(wait=False, cancel_futures=True)
 
     def _poll_loop(self, interval: float) -> None:
         use_one_thread()
@@ -297,14 +377,24 @@ class TaskStore:
             with self._state_lock:
                 # An unchanged file is not reloaded, nor retried if it failed.
                 known = signature in (self._signatures.get(task_id), self._failed_signatures.get(task_id))
+                loaded_before = task_id in self._signatures
+                if self.bounded:
+                    self._registered.add(task_id)
             if known:
+                continue
+            if self.bounded and task_id not in self.registry:
+                # Not resident: registered now; a compiled copy of an older file is stale.
+                if loaded_before:
+                    self.cache.forget_host_copy(task_id)
                 continue
             try:
                 self.load(task_id)
             except Exception:  # recorded and logged by load; the scan goes on
                 with self._state_lock:
                     self._failed_signatures[task_id] = signature
-        for task_id in sorted(set(self.registry.snapshot.tasks) - present):
+        with self._state_lock:
+            gone = (set(self.registry.snapshot.tasks) | self._registered) - present
+        for task_id in sorted(gone):
             with contextlib.suppress(UnknownTaskError):  # unloaded meanwhile
                 self.unload(task_id)
 
@@ -316,19 +406,36 @@ class TaskStore:
                     del records[task_id]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """Every package in the directory and every loaded task, with state and reason."""
+        """Every package in the directory and every loaded task, with state and reason.
+
+        With a budget a registered task is READY wherever it is; its reason says which tier holds it
+        (``resident``, ``host``: compiled in host memory, ``disk``: loads on its first request)."""
         tasks = self.registry.snapshot.tasks
         present = set(self.available())
         self._forget_absent(present)
         errors = self.failures()
+        with self._state_lock:
+            registered = set(self._registered)
         entries = []
-        for task_id in sorted(present | set(tasks)):
+        for task_id in sorted(present | set(tasks) | registered):
             entry = tasks.get(task_id)
-            if entry is not None:
-                entries.append(IndexEntry(task_id, str(entry.version), "READY", ""))
+            if task_id in errors and entry is None:
+                if not ready_only:
+                    entries.append(IndexEntry(task_id, "", "UNAVAILABLE", errors[task_id]))
+            elif entry is not None or task_id in registered:
+                version = str(entry.version) if entry is not None else ""
+                tier = self.cache.tier(task_id) if self.bounded else ""
+                entries.append(IndexEntry(task_id, version, "READY", TIER_REASONS.get(tier, "")))
             elif not ready_only:
-                entries.append(IndexEntry(task_id, "", "UNAVAILABLE", errors.get(task_id, "not loaded")))
+                entries.append(IndexEntry(task_id, "", "UNAVAILABLE", "not loaded"))
         return entries
+
+
+TIER_REASONS = {
+    "device": "resident",
+    "host": "compiled in host memory",
+    "disk": "on disk: loads on its first request",
+}
 
 
 def _signature(path: Path) -> Signature:
