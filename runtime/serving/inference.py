@@ -68,14 +68,8 @@ DEADLINE_SLACK_SECONDS = 0.005
 IGNORED_LOAD_PARAMETERS = frozenset({"unload_dependents"})
 
 
-# A request whose task was evicted between its load and its hold loads it again this often at most.
-LOAD_ATTEMPTS = 3
 # Load parameters that pin a task: ``pin`` itself, and tritonclient's ``config`` (a model config JSON).
 PIN_PARAMETERS = frozenset({"pin", "config"})
-
-
-class _EvictedError(ServingError):
-    """The request's registered task was not resident when its hold was taken."""
 
 
 def load_pin(parameters: Mapping[str, object]) -> bool | None:
@@ -349,19 +343,10 @@ class InferenceService:
     async def _admit(self, request: InferRequest, deadline: float | None) -> _Admitted:
         """Make the task resident if it is not, then hold it and decode the input on a decoding worker.
 
-        A task evicted between its load and its hold (a budget far smaller than the traffic's working
-        set) is loaded again, a few times at most."""
-        for attempt in range(LOAD_ATTEMPTS):
+        The task is wanted from here on (then held until the answer), so no load evicts it meanwhile."""
+        with self.store.cache.wanted(request.model_name):
             await self._resident(request.model_name)
-            try:
-                return await self._decode(request, deadline)
-            except _EvictedError:
-                if attempt == LOAD_ATTEMPTS - 1:
-                    raise ServingError(
-                        Status.UNAVAILABLE,
-                        f"task {shown(request.model_name)} was evicted before its request could run; retry",
-                    ) from None
-        raise AssertionError("unreachable")
+            return await self._decode(request, deadline)
 
     async def _resident(self, name: str) -> None:
         """Wait, without blocking the loop, for a registered task's load (shared by its waiters)."""
@@ -417,8 +402,6 @@ class InferenceService:
         try:
             entry = self.store.cache.hold(name)
         except UnknownTaskError:
-            if self.store.servable(name):
-                raise _EvictedError(Status.UNAVAILABLE, f"task {shown(name)} is not resident") from None
             raise ServingError(
                 Status.NOT_FOUND, f"unknown task {shown(name)}: no loaded task has this id"
             ) from None

@@ -7,10 +7,11 @@ without reading or compiling its package) -> the package in the repository. With
 - A request for a task that is not resident waits (asynchronously) for its load, which runs on the
   loader thread; batches of resident tasks go on meanwhile. Requests for one task share one load.
   A load that fails fails only the requests waiting for it.
-- Room is made by evicting the least recently used unpinned task that no queued request holds
-  (:meth:`TaskRegistry.evict`); a running batch keeps its snapshot, so nothing it reads is reused.
-  When every resident task is pinned or held, the load goes over the budget rather than wait, and
-  the next load evicts back down.
+- Room is made by evicting the least recently used unpinned task that no request wants (from its
+  admission until its answer: while it waits for the load, is decoded, queued and computed); a
+  running batch keeps its snapshot, so nothing it reads is reused. When every resident task is
+  pinned or wanted, the load goes over the budget rather than wait (by at most the distinct tasks of
+  the requests in flight), and the next load evicts back down.
 - Evicted tasks stay compiled in host memory while ``max_host_bytes`` allows (least recently used
   dropped first); a later miss copies them back in a few milliseconds.
 
@@ -23,8 +24,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from runtime.core.registry import PreparedTask, TaskEntry, TaskRegistry, UnknownTaskError
@@ -76,8 +78,22 @@ class TaskCache:
         self._host_bytes = 0
         self._loading: dict[str, Future[TaskEntry]] = {}
         self._last: dict[str, TaskEntry] = {}  # each task's latest entry, resident or not
+        self._wanted: dict[str, int] = {}  # requests in flight per task: never evicted meanwhile
 
     # -- requests ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def wanted(self, task_id: str) -> Iterator[None]:
+        """``task_id`` is not evicted while the block runs: a request from admission to answer."""
+        with self._lock:
+            self._wanted[task_id] = self._wanted.get(task_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                count = self._wanted.pop(task_id) - 1
+                if count:
+                    self._wanted[task_id] = count
 
     def hold(self, task_id: str) -> TaskEntry:
         """Hold the resident ``task_id`` for one request (``TaskRegistry.hold``) and mark it used.
@@ -180,7 +196,9 @@ class TaskCache:
         """Evict the least recently used unpinned, unheld task; False when there is none."""
         with self._lock:
             candidates = [
-                task_id for task_id in self._recent if task_id not in self._pinned and task_id != keep
+                task_id
+                for task_id in self._recent
+                if task_id not in self._pinned and task_id not in self._wanted and task_id != keep
             ]
         for task_id in candidates:
             if task_id not in resident:
@@ -189,7 +207,7 @@ class TaskCache:
                 evicted = self.registry.evict(task_id)
             except UnknownTaskError:
                 continue
-            if evicted is None:  # a queued request holds it
+            if evicted is None:  # a request holds it (e.g. a direct engine user)
                 continue
             with self._lock:
                 self._recent.pop(task_id, None)
