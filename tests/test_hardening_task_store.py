@@ -12,7 +12,6 @@ import pytest
 from runtime.core.backbone import Backbone
 from runtime.core.package import PackageError, content_checksum
 from runtime.core.registry import TaskRegistry, UnknownTaskError
-from runtime.serving import task_store
 from runtime.serving.task_store import TaskLoadCancelledError, TaskNotFoundError, TaskStore
 from tests.server_helpers import write_tasks
 
@@ -170,14 +169,14 @@ def test_unload_and_index_do_not_wait_behind_a_slow_load(
     store = TaskStore(directory, TaskRegistry(tiny_backbone), mode="explicit")
     store.start(["task-0", "task-1"])
     reading, release = threading.Event(), threading.Event()
-    load_package = task_store.load_package
+    read = store.source.read
 
-    def slow_load_package(*args, **kwargs):
+    def slow_read(*args, **kwargs):
         reading.set()
         assert release.wait(10)
-        return load_package(*args, **kwargs)
+        return read(*args, **kwargs)
 
-    monkeypatch.setattr(task_store, "load_package", slow_load_package)
+    monkeypatch.setattr(store.source, "read", slow_read)
     outcome: list[BaseException | None] = []
 
     def load_in_background() -> None:

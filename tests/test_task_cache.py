@@ -3,7 +3,9 @@ on demand, eviction under a resident budget, pinning, and a corrupt package amon
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,11 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from runtime import Backbone
-from runtime.core.package import TaskPackage
+from runtime import Backbone, TaskRegistry
+from runtime.core.package import PackageError, TaskPackage, package_from_bytes
+from runtime.serving.package_source import TaskNotFoundError
 from runtime.serving.task_cache import CacheBudget
+from runtime.serving.task_store import TaskStore
 from tests.helpers import random_package
 from tests.server_helpers import normalized_images, reference_engine, start_server, write_tasks
 
@@ -188,3 +192,52 @@ def test_budget_is_checked() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CacheBudget(max_resident_tasks=0)
     assert not CacheBudget().bounded and CacheBudget(max_resident_bytes=1).bounded
+
+
+class MemorySource:
+    """A repository of package bytes in memory, as an object store client would hold them."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+        self.reads = 0
+
+    def ids(self) -> list[str]:
+        return sorted(self.objects)
+
+    def signature(self, task_id: str) -> Hashable:
+        if task_id not in self.objects:
+            raise TaskNotFoundError(f"no object {task_id}")
+        return hashlib.sha256(self.objects[task_id]).hexdigest()  # an ETag
+
+    def read(self, task_id: str, backbone: Backbone) -> TaskPackage:
+        self.reads += 1
+        return package_from_bytes(self.objects[task_id], backbone, self.package_name(task_id))
+
+    def package_name(self, task_id: str) -> str:
+        return f"{task_id}.safetensors"
+
+
+def test_an_object_store_plugs_in_as_a_package_source(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    packages = [random_package(tiny_backbone, f"obj-{i}", seed=i, num_classes=3)[0] for i in range(3)]
+    source = MemorySource({p.task_id: p.to_bytes() for p in packages})
+    registry = TaskRegistry(tiny_backbone)
+    budget = CacheBudget(max_resident_tasks=1, max_host_bytes=2**20)
+    store = TaskStore(tmp_path, registry, "none", budget=budget, source=source)
+    store.start()
+    assert store.available() == ["obj-0", "obj-1", "obj-2"] and len(registry) == 0
+    first = store.fetch("obj-1").result(10)
+    assert first.version == 1 and registry.get("obj-1").num_classes == 3
+    weight, _ = registry.tables.head(first.slot)
+    assert torch.equal(weight, packages[1].head_weight)
+    store.fetch("obj-0").result(10)  # evicts obj-1 (budget 1); it stays compiled on the host
+    again = store.fetch("obj-1").result(10)
+    assert again.version == 1 and source.reads == 2  # the same object: same version, not read again
+    source.objects["obj-1"] = random_package(tiny_backbone, "obj-1", seed=9, num_classes=4)[0].to_bytes()
+    store.fetch("obj-0").result(10)
+    changed = store.fetch("obj-1").result(10)
+    assert changed.version == 2 and changed.num_classes == 4  # a new ETag is a new version
+    source.objects["obj-2"] = source.objects["obj-2"][:-8]
+    with pytest.raises(PackageError, match=r"obj-2\.safetensors: truncated or corrupt"):
+        store.fetch("obj-2").result(10)
+    assert store.failures() == store.failures(on_demand=True) != store.failures(on_demand=False) == {}
+    store.stop()

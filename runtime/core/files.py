@@ -130,7 +130,11 @@ def read_safetensors(path: Path, max_bytes: int | None = None) -> SafetensorsCon
     Raises ``SafetensorsFormatError`` for a malformed file or one over ``max_bytes``, and
     ``OSError`` when the file cannot be read.
     """
-    buffer = _read_regular_file(path, max_bytes)
+    return parse_safetensors(_read_regular_file(path, max_bytes))
+
+
+def parse_safetensors(buffer: bytearray) -> SafetensorsContent:
+    """A safetensors file already in memory (the buffer is used, not copied): see ``read_safetensors``."""
     header, data_start = _parse_header(buffer)
     metadata = _metadata(header)
     data_size = len(buffer) - data_start

@@ -14,7 +14,14 @@ import torch
 from safetensors.torch import save
 
 from runtime.core.backbone import Backbone, BackboneError, BackboneSpec, sha256_of_tensors
-from runtime.core.files import SafetensorsFormatError, atomic_write, read_safetensors, shown
+from runtime.core.files import (
+    SafetensorsContent,
+    SafetensorsFormatError,
+    atomic_write,
+    parse_safetensors,
+    read_safetensors,
+    shown,
+)
 from runtime.core.prompts import TaskPrompts
 
 log = logging.getLogger("e2vpt.package")
@@ -279,6 +286,23 @@ def load_package(path: str | Path, backbone: Backbone | None = None, name: str |
         raise PackageError(f"task package {name}: cannot be read ({error.strerror})") from error
     except SafetensorsFormatError as error:
         raise PackageError(f"task package {name}: truncated or corrupt safetensors file ({error})") from error
+    return _package_of(content, backbone, name)
+
+
+def package_from_bytes(data: bytes | bytearray, backbone: Backbone | None, name: str) -> TaskPackage:
+    """``load_package`` of a package's bytes fetched from elsewhere (an object store's body)."""
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PackageError(
+            f"task package {name}: {len(data):,} bytes exceed the limit of {MAX_PACKAGE_BYTES:,}"
+        )
+    try:
+        content = parse_safetensors(bytearray(data))
+    except SafetensorsFormatError as error:
+        raise PackageError(f"task package {name}: truncated or corrupt safetensors file ({error})") from error
+    return _package_of(content, backbone, name)
+
+
+def _package_of(content: SafetensorsContent, backbone: Backbone | None, name: str) -> TaskPackage:
     # One allocation per tensor: a loaded task then keeps only the tensors it uses, not the whole file.
     tensors = {key: tensor.clone() for key, tensor in content.tensors.items()}
     try:

@@ -17,8 +17,9 @@ from runtime.core.files import shown
 from runtime.core.package import PackageError
 from runtime.core.registry import UnknownTaskError
 from runtime.serving.batcher import DeadlineExpiredError, QueueFullError, ShuttingDownError
+from runtime.serving.package_source import TaskNotFoundError
 from runtime.serving.preprocess import InputError
-from runtime.serving.task_store import ModelControlError, TaskLoadCancelledError, TaskNotFoundError
+from runtime.serving.task_store import ModelControlError, TaskLoadCancelledError
 
 log = logging.getLogger("e2vpt.server")
 

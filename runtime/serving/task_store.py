@@ -14,17 +14,14 @@ instead of loading them all: every package of the directory in ``none`` and ``po
 ``--load-task`` ids and every explicitly loaded task in ``explicit`` mode. A registered task is
 servable; :class:`runtime.serving.task_cache.TaskCache` makes it resident on its first request.
 
-Where packages come from is two calls, ``available`` (the ids, a listing) and ``_read_and_add``'s
-``_signature`` + ``load_package`` (one package's version stamp and bytes): an object store plugs in
-there (list the bucket's keys; an object's ETag or generation as its signature; its bytes read into
-memory, as files are).
+Packages are read through a :class:`runtime.serving.package_source.PackageSource` (the directory by
+default; an object store plugs in there, see that module).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterable
@@ -34,16 +31,10 @@ from pathlib import Path
 
 from runtime.core.backbone import Backbone
 from runtime.core.files import shown
-from runtime.core.package import (
-    PACKAGE_SUFFIX,
-    TASK_ID_PATTERN,
-    PackageError,
-    TaskPackage,
-    check_task_id,
-    load_package,
-)
+from runtime.core.package import PackageError, TaskPackage, check_task_id
 from runtime.core.registry import PreparedTask, TaskEntry, TaskRegistry, UnknownTaskError
 from runtime.serving.metrics import ServerMetrics
+from runtime.serving.package_source import DirectorySource, PackageSource, Signature, TaskNotFoundError
 from runtime.serving.task_cache import CacheBudget, TaskCache
 from runtime.serving.threads import use_one_thread
 
@@ -51,10 +42,6 @@ log = logging.getLogger("e2vpt.tasks")
 
 MODES = ("none", "explicit", "poll")
 LOAD_ALL = "*"
-
-
-class TaskNotFoundError(LookupError):
-    """No package for this task id in the task directory."""
 
 
 class ModelControlError(PermissionError):
@@ -71,9 +58,6 @@ class IndexEntry:
     version: str
     state: str
     reason: str
-
-
-Signature = tuple[int, int]  # (mtime in ns, size): a file changed when this does
 
 
 class TaskStore:
@@ -105,12 +89,15 @@ class TaskStore:
         metrics: ServerMetrics | None = None,
         budget: CacheBudget | None = None,
         loader: Executor | None = None,
+        source: PackageSource | None = None,
     ) -> None:
+        """``directory`` holds the packages, unless ``source`` is given (it then holds only local state,
+        such as the scale-out record of ``runtime.scaleout.desired``)."""
         if mode not in MODES:
             raise ValueError(f"model control mode {mode!r} is not one of {MODES}")
-        self.root = Path(directory).resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"task directory {directory} does not exist")
+        directory_source = DirectorySource(directory)
+        self.root = directory_source.root
+        self.source: PackageSource = source or directory_source
         self.registry = registry
         self.mode = mode
         self.metrics = metrics
@@ -149,26 +136,9 @@ class TaskStore:
     def backbone(self) -> Backbone:
         return self.registry.backbone
 
-    def path_for(self, task_id: str) -> Path:
-        """The package file of ``task_id``, refusing bad ids and anything resolving outside the directory."""
-        check_task_id(task_id)
-        path = (self.root / f"{task_id}{PACKAGE_SUFFIX}").resolve()
-        if path.parent != self.root:
-            raise PackageError(f"task {shown(task_id)}: package resolves outside the task directory")
-        if not path.is_file():
-            raise TaskNotFoundError(
-                f"task {shown(task_id)}: no package {task_id}{PACKAGE_SUFFIX} in the task directory"
-            )
-        return path
-
     def available(self) -> list[str]:
-        """Task ids with a package file in the directory (valid names only, sorted)."""
-        ids = []
-        for path in self.root.glob(f"*{PACKAGE_SUFFIX}"):
-            task_id = path.name[: -len(PACKAGE_SUFFIX)]
-            if TASK_ID_PATTERN.fullmatch(task_id):
-                ids.append(task_id)
-        return sorted(ids)
+        """Task ids with a package in the repository (valid ids only, sorted)."""
+        return self.source.ids()
 
     def load(self, task_id: str, pin: bool | None = None, on_demand: bool = False) -> TaskEntry:
         """Load or replace ``task_id`` from its package; a bad package leaves loaded tasks untouched.
@@ -202,8 +172,8 @@ class TaskStore:
                         if on_demand:
                             self._on_demand_failures.add(task_id)
                             # Its requests fail at once until the file changes: no re-read per request.
-                            with contextlib.suppress(OSError, PackageError, TaskNotFoundError):
-                                self._failed_signatures[task_id] = _signature(self.path_for(task_id))
+                            with contextlib.suppress(PackageError, TaskNotFoundError):
+                                self._failed_signatures[task_id] = self.source.signature(task_id)
                 self._count("failure")
                 self._log_failure(task_id, error)
                 raise
@@ -230,22 +200,19 @@ class TaskStore:
         return entry
 
     def _read_and_add(self, task_id: str, pin: bool | None, on_demand: bool) -> tuple[TaskEntry, Signature]:
-        path = self.path_for(task_id)
-        try:
-            signature = _signature(path)
-        except OSError as error:
-            raise PackageError(f"task package {path.name}: cannot be read ({error.strerror})") from error
+        name = self.source.package_name(task_id)
+        signature = self.source.signature(task_id)
         with self._state_lock:
             unchanged = self._signatures.get(task_id) == signature
             failed = on_demand and self._failed_signatures.get(task_id) == signature
             reason = self._errors.get(task_id, "")
         if failed:
-            raise PackageError(reason or f"task package {path.name}: failed to load")
-        # A compiled copy on the host is written back only while its file is the one it came from.
+            raise PackageError(reason or f"task package {name}: failed to load")
+        # A compiled copy on the host is written back only while its package is the one it came from.
         task = self.cache.host_copy(task_id) if unchanged else None
         if task is None:
-            package = load_package(path, self.backbone, name=path.name)
-            self._check_fits(package, path.name, task_id)
+            package = self.source.read(task_id, self.backbone)
+            self._check_fits(package, name, task_id)
             task = PreparedTask.of(package, self.backbone)
         return self.cache.put(task, pin, new_version=not (on_demand and unchanged)), signature
 
@@ -371,8 +338,8 @@ class TaskStore:
         self._forget_absent(present)
         for task_id in sorted(present):
             try:
-                signature = _signature(self.root / f"{task_id}{PACKAGE_SUFFIX}")
-            except OSError:  # deleted meanwhile, or a dangling link
+                signature = self.source.signature(task_id)
+            except (PackageError, TaskNotFoundError):  # deleted meanwhile, or a dangling link
                 continue
             with self._state_lock:
                 # An unchanged file is not reloaded, nor retried if it failed.
@@ -436,11 +403,6 @@ TIER_REASONS = {
     "host": "compiled in host memory",
     "disk": "on disk: loads on its first request",
 }
-
-
-def _signature(path: Path) -> Signature:
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _reason(error: BaseException) -> str:
