@@ -16,6 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from runtime import Backbone, TaskRegistry
 from runtime.core.package import PackageError, TaskPackage, package_from_bytes
+from runtime.serving.errors import ServingError, Status
+from runtime.serving.inference import load_pin
 from runtime.serving.package_source import TaskNotFoundError
 from runtime.serving.task_cache import CacheBudget
 from runtime.serving.task_store import TaskStore
@@ -241,3 +243,20 @@ def test_an_object_store_plugs_in_as_a_package_source(tiny_backbone: Backbone, t
         store.fetch("obj-2").result(10)
     assert store.failures() == store.failures(on_demand=True) != store.failures(on_demand=False) == {}
     store.stop()
+
+
+def test_load_parameters_that_pin() -> None:
+    pin = '{"parameters": {"pin": {"string_value": "%s"}}}'
+    assert load_pin({}) is None and load_pin({"unload_dependents": True}) is None
+    assert load_pin({"pin": True}) is True and load_pin({"pin": "False"}) is False
+    assert load_pin({"config": pin % "true"}) is True and load_pin({"config": pin % "false"}) is False
+    for bad in (
+        {"pin": "yes"},
+        {"pin": 1},
+        {"config": "{}"},
+        {"config": '{"max_batch_size": 4}'},
+        {"config": "["},
+    ):
+        with pytest.raises(ServingError) as caught:
+            load_pin(bad)
+        assert caught.value.status is Status.INVALID_ARGUMENT
