@@ -139,8 +139,8 @@ class TaskCache:
         the package it had before, made resident again (it keeps its version).
         """
         started = time.perf_counter()
-        source = "host" if task.task_id in self._host else "disk"
         with self._lock:
+            source = "host" if self._host.get(task.task_id) is task else "disk"
             if pin:
                 self._pinned.add(task.task_id)
             elif pin is not None:
@@ -241,17 +241,6 @@ class TaskCache:
 
     # -- state ---------------------------------------------------------------------------------------
 
-    def pin(self, task_id: str, pinned: bool = True) -> None:
-        with self._lock:
-            if pinned:
-                self._pinned.add(task_id)
-            else:
-                self._pinned.discard(task_id)
-
-    def pinned(self, task_id: str) -> bool:
-        with self._lock:
-            return task_id in self._pinned
-
     def tier(self, task_id: str) -> str:
         """Where ``task_id`` is now: ``device`` (resident), ``host`` (compiled) or ``disk``."""
         if task_id in self.registry:
@@ -269,10 +258,6 @@ class TaskCache:
         """Every task's entry as of when it was last resident (see ``last_entry``)."""
         with self._lock:
             return dict(self._last)
-
-    def loading(self, task_id: str) -> bool:
-        with self._lock:
-            return task_id in self._loading
 
     def _count(self) -> None:
         if self.metrics is None:
