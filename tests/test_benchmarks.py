@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import forward, kernel_prefix_attention, report, serve, tasks
+from benchmarks import forward, kernel_prefix_attention, report, serve, task_cache, tasks
 from benchmarks.common import (
     RESULTS_DIR,
     config_record,
@@ -181,7 +181,43 @@ def test_tasks_smoke(tmp_path) -> None:
     assert_statuses_follow_limits(saved["targets"])
 
 
-@pytest.mark.parametrize("name", ["forward", "serve", "tasks"])
+def test_task_cache_smoke(tmp_path) -> None:
+    """--quick: 300 tiny tasks, 30 resident, in-process servers."""
+    config = task_cache.parse_args(["--quick", "--output-dir", str(tmp_path)])
+    saved = _written(task_cache.run(config), "task_cache")
+    summary = saved["summary"]
+    assert 0 < summary["steady_hit_rate"] < 1
+    # At concurrency 1 the replica and the server see the same sequence: the same misses.
+    assert summary["steady_misses_server"] == summary["steady_misses_replica"] > 0
+    assert saved["probes"]["unexpected_count"] == 0
+    assert summary["miss_load_ms"]["n"] > 0 and summary["miss_load_ms"]["median"] > 0
+    assert [level["concurrency"] for level in summary["levels"]] == list(config.concurrency)
+    for level in summary["levels"]:
+        assert level["errors"] == 0 and level["cached_rps"] > 0 and level["resident_rps"] > 0
+        assert all(rows >= 1 for rows in level["rows_per_batch"].values())
+        classes = level["latency_ms"]
+        assert classes["cached, all"]["n"] == classes["resident, all"]["n"] == config.requests_per_level
+        assert classes["cached, hits"]["n"] + classes["cached, misses"]["n"] == config.requests_per_level
+    memory = summary["memory"]
+    assert memory["resident_tasks"] == config.max_resident_tasks
+    assert memory["ratio"] >= 1 and 0 < memory["prefix_rows_used_share"] <= 1
+    assert len(saved["targets"]) == len(config.concurrency) + 2
+    assert_statuses_follow_limits(saved["targets"])
+    assert "| source | n | p50 |" in (tmp_path / "task_cache.md").read_text()
+
+
+def test_task_cache_config_rejects_a_custom_spec_for_the_subprocess_server() -> None:
+    with pytest.raises(ValueError, match="inprocess"):
+        task_cache.TaskCacheConfig(spec=TINY)
+    with pytest.raises(ValueError, match="resident"):
+        task_cache.TaskCacheConfig(tasks=10, max_resident_tasks=10)
+    settings = task_cache.task_settings(task_cache.TaskCacheConfig(tasks=50, max_resident_tasks=5))
+    # Task 0 has the longest prefix (kept tokens, a null row when pruned, KV prompts).
+    prefix = [prompts - pruned + (pruned > 0) + kv for prompts, kv, pruned, _, _ in settings]
+    assert prefix[0] == max(prefix) and len(set(settings)) > 40
+
+
+@pytest.mark.parametrize("name", ["forward", "serve", "tasks", "task_cache"])
 def test_saved_results_render_again(name: str, tmp_path) -> None:
     """The committed results rebuild their markdown from the JSON alone (the README quotes them)."""
     saved = RESULTS_DIR / f"{name}.json"
@@ -219,7 +255,7 @@ def test_kernel_sweep_reports_through_the_shared_layer(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("module", "option"),
     [(forward, "--quick"), (serve, "--quick"), (tasks, "--quick"), (kernel_prefix_attention, "--quick"),
-     (report, "results")],
+     (task_cache, "--quick"), (report, "results")],
 )  # fmt: skip
 def test_cli_help(module, option: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
