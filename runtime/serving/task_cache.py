@@ -132,13 +132,20 @@ class TaskCache:
 
     # -- loads and unloads (on the loader thread) ---------------------------------------------------
 
-    def put(self, task: PreparedTask, pin: bool | None = None, new_version: bool = True) -> TaskEntry:
+    def put(
+        self,
+        task: PreparedTask,
+        pin: bool | None = None,
+        new_version: bool = True,
+        started: float | None = None,
+    ) -> TaskEntry:
         """Write ``task`` into the tables (replacing its resident version), evicting to stay in budget.
 
         ``pin``: True pins it, False unpins it, None keeps its pin as it was. ``new_version=False``:
-        the package it had before, made resident again (it keeps its version).
+        the package it had before, made resident again (it keeps its version). ``started``: the
+        ``perf_counter`` instant its load began (reading the package included), for the load metrics.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         with self._lock:
             source = "host" if self._host.get(task.task_id) is task else "disk"
             if pin:
@@ -153,9 +160,8 @@ class TaskCache:
             self._recent[task.task_id] = None
             self._recent.move_to_end(task.task_id)
         if self.metrics is not None:
-            seconds = time.perf_counter() - started + (0.0 if source == "host" else task.prepare_seconds)
             self.metrics.cache_loads.labels(task.task_id, source).inc()
-            self.metrics.cache_load_seconds.labels(source).observe(seconds)
+            self.metrics.cache_load_seconds.labels(source).observe(time.perf_counter() - started)
         self._count()
         return entry
 

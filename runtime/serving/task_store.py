@@ -163,7 +163,7 @@ class TaskStore:
             with self._state_lock:
                 self._loading[task_id] = False
             try:
-                entry, signature = self._read_and_add(task_id, pin, on_demand)
+                entry, signature = self._read_and_add(task_id, pin, on_demand, started)
             except BaseException as error:
                 with self._state_lock:
                     del self._loading[task_id]
@@ -199,7 +199,9 @@ class TaskStore:
         )
         return entry
 
-    def _read_and_add(self, task_id: str, pin: bool | None, on_demand: bool) -> tuple[TaskEntry, Signature]:
+    def _read_and_add(
+        self, task_id: str, pin: bool | None, on_demand: bool, started: float
+    ) -> tuple[TaskEntry, Signature]:
         name = self.source.package_name(task_id)
         signature = self.source.signature(task_id)
         with self._state_lock:
@@ -214,7 +216,8 @@ class TaskStore:
             package = self.source.read(task_id, self.backbone)
             self._check_fits(package, name, task_id)
             task = PreparedTask.of(package, self.backbone)
-        return self.cache.put(task, pin, new_version=not (on_demand and unchanged)), signature
+        entry = self.cache.put(task, pin, new_version=not (on_demand and unchanged), started=started)
+        return entry, signature
 
     def _check_fits(self, package: TaskPackage, file_name: str, task_id: str) -> None:
         if package.task_id != task_id:
