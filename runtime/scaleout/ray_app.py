@@ -42,6 +42,15 @@ SERVICER_FUNCTION = "runtime.scaleout.proxy_hook.add_GRPCInferenceServiceService
 APP_NAME = "e2vpt"
 DEPLOYMENT_NAME = "Replica"
 HEALTH_CHECK_SECONDS = 2.0
+# The proxy sends each request to its replica over gRPC instead of a Ray actor call (no trip
+# through Ray's object store for a request of more than 100 KB): 4.8 ms instead of 10.4 ms at p50
+# for a 150 KB request to a replica that answers at once. The controller passes its environment
+# on to the proxies and replicas it starts.
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# For a Ray instance started here. Ray starts its workers at nice 15, behind its own daemons; here
+# the workers are the server (proxy, replicas), and at nice 15 any other process on their cores (the
+# client, another job) runs first while the plain server runs at nice 0.
+RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -247,10 +256,11 @@ def start(args: argparse.Namespace) -> DeploymentHandle:
     ``--http-port`` (Ray's, routing nothing here); deploy the application; return its handle once
     every replica is ready. Joins the Ray cluster of ``RAY_ADDRESS`` if set, else starts one."""
     if not ray.is_initialized():
-        ray.init()
+        ray.init(_system_config=RAY_SYSTEM_CONFIG)
     serve.start(
         grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=[SERVICER_FUNCTION]),
         http_options=HTTPOptions(host=args.host, port=args.http_port),
+        controller_options={"runtime_env": {"env_vars": SERVE_ENV}},
     )
     return serve.run(build_app(args), name=APP_NAME)
 
