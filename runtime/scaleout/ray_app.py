@@ -47,7 +47,7 @@ HEALTH_CHECK_SECONDS = 2.0
 # no longer goes through Ray's object store): 4.8 ms instead of 10.4 ms at p50 for a 150 KB request
 # to a replica that answers at once. A replica runs its methods on its own event loop rather than
 # a second one on another thread (the servicer never blocks its loop: batches compute on the
-# batcher's thread): the hop 3.1-4.0 ms instead of 4.2-5.5 ms at p50.
+# batcher's thread): the hop 3.1 and 4.0 ms instead of 5.5 ms at p50 in short paired runs.
 SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 # For a Ray instance started here. Ray starts its workers at nice 15, behind its own daemons; here
 # the workers are the server (proxy, replicas), and at nice 15 any other process on their cores (the
