@@ -159,9 +159,10 @@ def test_a_load_through_the_proxy_is_served_by_every_replica(app: RayApp) -> Non
 
 
 def test_the_proxy_turns_a_lost_replica_into_unavailable_only() -> None:
-    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    for lost in (ActorDiedError(), RayActorError()):
+    unreachable = ActorUnavailableError("Actor is unavailable.", bytes(16))  # as the gRPC transport says it
+    for lost in (ActorDiedError(), RayActorError(), unreachable):
         assert replica_lost(grpc.StatusCode.INTERNAL, str(lost))
     assert not replica_lost(grpc.StatusCode.INTERNAL, "internal error: ValueError")
     assert not replica_lost(grpc.StatusCode.NOT_FOUND, "the actor died")

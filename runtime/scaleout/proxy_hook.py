@@ -4,8 +4,9 @@
    modules ``grpc_service_pb2`` and ``model_config_pb2``. The proxy pickles each request message
    (by class) for a replica, so both processes must resolve those names: importing this module
    aliases them.
-2. Ray's proxy answers INTERNAL when the replica holding a request dies (``RayActorError``), which
-   clients must not retry blindly. The request was never answered and another replica can take
+2. Ray's proxy answers INTERNAL when the replica holding a request dies (``RayActorError``; over
+   the proxy's gRPC transport to replicas, ``ActorUnavailableError``), which clients must not
+   retry blindly. The request was never answered and another replica can take
    it, so that status becomes UNAVAILABLE (retriable, as Triton uses it). This wraps the proxy's
    per-method handler factory (``gRPCGenericServer.service_handler_factory``, Ray 2.60); without
    that attribute the proxy is left as it is, and tests/test_ray.py says so.
@@ -26,7 +27,13 @@ sys.modules.setdefault("grpc_service_pb2", grpc_service_pb2)
 sys.modules.setdefault("model_config_pb2", model_config_pb2)
 
 # How Ray words a dead or unreachable replica actor in the status details (RayActorError and kin).
-REPLICA_LOST_MARKERS = ("actor died", "actor is dead", "actor experienced an error", "actordiederror")
+REPLICA_LOST_MARKERS = (
+    "actor died",
+    "actor is dead",
+    "actor experienced an error",
+    "actordiederror",
+    "is unavailable: actor is unavailable",  # ActorUnavailableError: the replica's gRPC server went away
+)
 
 
 def replica_lost(code: grpc.StatusCode | None, details: str | None) -> bool:
