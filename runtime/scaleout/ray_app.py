@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import ray
-import torch
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import HTTPOptions, gRPCOptions
@@ -88,7 +87,7 @@ class Replica:
 
         use_one_thread()
         # Ray's proxy is the only ingress: no port, HTTP front end or metrics endpoint per replica.
-        config = replace(server_config(args), batcher_thread=False, metrics_port=None, http_port=None)
+        config = replace(server_config(args), batcher_thread=True, metrics_port=None, http_port=None)
         self.server = InferenceServer(build_engine(args), config)
         self.servicer = InferenceServicer(self.server.service)
         store = self.server.store
@@ -99,21 +98,9 @@ class Replica:
         store.start([] if self.reconciler else config.load_tasks, config.poll_seconds)
         if self.reconciler is not None:
             self.reconciler.start()
-        self.server.batcher.open()
-        threading.Thread(target=self._compute, name="e2vpt-batcher", daemon=True).start()
+        self.server.batcher.start()
         self.server.batcher.warmed.wait()
         self.server.readiness.set()
-
-    def _compute(self) -> None:
-        """The batcher's loop, on a thread that keeps the intra-op threads ``run()`` gives it.
-
-        PyTorch sets a thread's OpenMP thread count at the thread's first parallel op, to the
-        count whichever thread set last: on the CPU the warm-up computes nothing, so the first
-        batch came after a decoding thread's ``set_num_threads(1)`` and every batch ran its
-        element-wise ops, softmax and attention on one thread (a forward 52 ms instead of 30).
-        Reading the count first makes this thread's own setting stick."""
-        torch.get_num_threads()
-        self.server.batcher.run()
 
     async def check_health(self) -> None:
         """Ray routes only to replicas that pass this, and replaces one that keeps failing it."""

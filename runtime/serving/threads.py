@@ -22,9 +22,19 @@ def available_cores() -> int:
 
 def use_compute_threads(threads: int | None = None) -> None:
     """Call on the computing thread: ``threads`` intra-op threads (default: every available core)."""
+    _settle()
     torch.set_num_threads(threads or available_cores())
 
 
 def use_one_thread() -> None:
     """Call on any other thread before it touches torch: it never forms a worker team."""
+    _settle()
     torch.set_num_threads(1)
+
+
+def _settle() -> None:
+    """PyTorch gives a thread its OpenMP thread count at the thread's first parallel op, copied from
+    whichever thread set one last: a batcher thread that set 2, then computed after a decoding thread
+    set 1, ran on one thread (a ViT-Ti forward 52 ms instead of 30). Reading the count first fixes
+    this thread's count now, so the count set next is its own."""
+    torch.get_num_threads()
