@@ -147,9 +147,14 @@ def test_a_load_through_the_proxy_is_served_by_every_replica(app: RayApp) -> Non
         async with aioclient.InferenceServerClient(app.url) as aclient:
             return await asyncio.gather(*(infer(aclient, "task-2", images) for _ in range(16)))
 
-    for logits in asyncio.run(burst()):
-        np.testing.assert_allclose(logits, expected(app, images, "task-2"), rtol=1e-5, atol=1e-5)
-    served = reports(app, "task-2")
+    # Ray's router picks the replica; a burst may land on one replica alone (it did in 2 of 7 runs),
+    # so bursts go on, a bounded number of times, until every replica has served the task.
+    for _ in range(8):
+        for logits in asyncio.run(burst()):
+            np.testing.assert_allclose(logits, expected(app, images, "task-2"), rtol=1e-5, atol=1e-5)
+        served = reports(app, "task-2")
+        if all(r["inference_count"] > 0 for r in served.values()):
+            break
     assert len(served) == REPLICAS and all(r["inference_count"] > 0 for r in served.values()), served
 
     client.unload_model("task-2")
