@@ -17,8 +17,11 @@ import platform
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -277,3 +280,38 @@ def wait_until_ready(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server on {address} not ready after {timeout} s")
             time.sleep(0.1)
+
+
+@contextmanager
+def served_subprocess(
+    serve_args: Sequence[str],
+    port: int,
+    timeout: float,
+    task: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """``python -m runtime serve SERVE_ARGS`` from the repository root, warnings only; yields its gRPC
+    address (``127.0.0.1:port``) once ready (and ``task``, when named), and terminates it on exit.
+
+    Its output goes to a temporary file, shown in the error if it exits before it is ready."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve", *serve_args]
+    python_path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            address = f"127.0.0.1:{port}"
+            try:
+                wait_until_ready(address, process, timeout, task)
+            except ServerExitedError as error:
+                log.seek(0)
+                raise RuntimeError(f"{error}{log.read().decode()[-3000:]}") from None
+            yield address
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

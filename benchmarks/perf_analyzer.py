@@ -31,13 +31,12 @@ from typing import Any
 
 from benchmarks.common import (
     RESULTS_DIR,
-    ServerExitedError,
     benchmark_parser,
     config_record,
     free_port,
     machine,
     parse_config,
-    wait_until_ready,
+    served_subprocess,
 )
 from benchmarks.report import Report, Table, publish
 
@@ -88,30 +87,14 @@ def find_binary(name: str) -> str | None:
 def demo_server(config: PerfConfig, task_dir: Path) -> Iterator[tuple[int, int]]:
     """``python -m runtime serve`` over the demo tasks; yields (gRPC port, HTTP port) once ready."""
     port, http_port = free_port(), free_port()
-    command = [
-        sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve",
+    arguments = [
         "--weights", "random", "--seed", str(config.seed), "--device", "cpu", "--task-dir", str(task_dir),
         "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port), "--no-metrics",
     ]  # fmt: skip
     if config.threads:
-        command += ["--threads", str(config.threads)]
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            try:
-                wait_until_ready(f"127.0.0.1:{port}", process, READY_TIMEOUT_SECONDS, config.task)
-            except ServerExitedError as error:
-                log.seek(0)
-                raise RuntimeError(f"{error}{log.read().decode()[-3000:]}") from None
-            yield port, http_port
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        arguments += ["--threads", str(config.threads)]
+    with served_subprocess(arguments, port, READY_TIMEOUT_SECONDS, config.task):
+        yield port, http_port
 
 
 def parse_csv(text: str) -> list[dict[str, float]]:

@@ -22,11 +22,8 @@ takes about 8-10 minutes; ``--quick`` about a minute.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +37,6 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
-    ServerExitedError,
     backbone_spec,
     benchmark_parser,
     config_record,
@@ -49,9 +45,9 @@ from benchmarks.common import (
     parse_config,
     percentile,
     print_machine,
+    served_subprocess,
     summarize,
     verdict,
-    wait_until_ready,
 )
 from benchmarks.report import Panel, Report, Table, publish
 from runtime.core.backbone import Backbone, BackboneSpec
@@ -136,8 +132,7 @@ def popularity_weights(kind: str, count: int, exponent: float) -> list[float]:
 def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -> Iterator[str]:
     """``python -m runtime serve`` on a free loopback port; yields its address once it is ready."""
     port = free_port()
-    command = [
-        sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve",
+    arguments = [
         "--backbone", config.backbone, "--weights", "random", "--seed", str(config.seed), "--device", "cpu",
         "--task-dir", str(task_dir), "--model-control-mode", "explicit", "--load-task", "*",
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--no-http",
@@ -145,29 +140,9 @@ def subprocess_server(config: ServeConfig, task_dir: Path, mode: BatchingMode) -
         "--batching", mode.batching, "--max-queue-size", "1024",
     ]  # fmt: skip
     if config.threads:
-        command += ["--threads", str(config.threads)]
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    }
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            address = f"127.0.0.1:{port}"
-            try:
-                wait_until_ready(address, process, READY_TIMEOUT_SECONDS)
-            except ServerExitedError as error:
-                log.seek(0)
-                raise RuntimeError(f"{error}{log.read().decode()[-3000:]}") from None
-            yield address
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        arguments += ["--threads", str(config.threads)]
+    with served_subprocess(arguments, port, READY_TIMEOUT_SECONDS) as address:
+        yield address
 
 
 @contextmanager

@@ -41,8 +41,6 @@ import multiprocessing
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -57,7 +55,6 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
-    ServerExitedError,
     backbone_spec,
     benchmark_parser,
     config_record,
@@ -66,9 +63,9 @@ from benchmarks.common import (
     paired_ratios,
     parse_config,
     print_machine,
+    served_subprocess,
     summarize,
     target,
-    wait_until_ready,
 )
 from benchmarks.report import Panel, Report, Table, publish
 from benchmarks.serve import popularity_weights, request_input
@@ -340,42 +337,20 @@ class Served(NamedTuple):
 def subprocess_server(config: TaskCacheConfig, task_dir: Path, bounded: bool) -> Iterator[Served]:
     """``python -m runtime serve`` (mode none) on free loopback ports, once it is ready."""
     port, metrics_port = free_port(), free_port()
-    command = [
-        sys.executable, "-m", "runtime", "--log-level", "WARNING", "serve",
+    arguments = [
         "--backbone", config.backbone, "--weights", "random", "--seed", str(config.seed), "--device", "cpu",
         "--task-dir", str(task_dir), "--model-control-mode", "none",
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--no-http",
         "--max-queue-size", "1024",
     ]  # fmt: skip
     if bounded:
-        command += ["--max-resident-tasks", str(config.max_resident_tasks)]
-        command += ["--host-cache-mb", str(config.host_cache_mb)]
+        arguments += ["--max-resident-tasks", str(config.max_resident_tasks)]
+        arguments += ["--host-cache-mb", str(config.host_cache_mb)]
     if config.threads:
-        command += ["--threads", str(config.threads)]
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    }
-    if config.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = config.omp_wait_policy
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            address = f"127.0.0.1:{port}"
-            try:
-                wait_until_ready(address, process, READY_TIMEOUT_SECONDS)
-            except ServerExitedError as error:
-                log.seek(0)
-                raise RuntimeError(f"{error}{log.read().decode()[-3000:]}") from None
-            yield Served(address, metrics_port)
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        arguments += ["--threads", str(config.threads)]
+    env = {"OMP_WAIT_POLICY": config.omp_wait_policy} if config.omp_wait_policy else None
+    with served_subprocess(arguments, port, READY_TIMEOUT_SECONDS, env=env) as address:
+        yield Served(address, metrics_port)
 
 
 @contextmanager
