@@ -126,10 +126,10 @@ def test_an_unexpected_failure_also_stays_with_its_task(
     registry = TaskRegistry(tiny_backbone)
     insert = registry.insert
 
-    def failing_insert(task, new_version=True):
+    def failing_insert(task, new_version=True, started=None):
         if task.task_id == "task-1":
             raise MemoryError
-        return insert(task, new_version)
+        return insert(task, new_version, started)
 
     monkeypatch.setattr(registry, "insert", failing_insert)
     store = TaskStore(directory, registry, mode="none")

@@ -65,11 +65,11 @@ class CountingRegistry:
         with self._lock:
             self.held -= 1
 
-    def insert(self, task, new_version=True):
+    def insert(self, task, new_version=True, started=None):
         if self.block_adds:
             self.add_entered.set()
             assert self.add_may_finish.wait(30)
-        return self._registry.insert(task, new_version)
+        return self._registry.insert(task, new_version, started)
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._registry

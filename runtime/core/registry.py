@@ -81,11 +81,9 @@ class PreparedTask:
     compiled: CompiledTask
     head_weight: Tensor  # [C, D] fp32
     head_bias: Tensor  # [C] fp32
-    prepare_seconds: float
 
     @classmethod
     def of(cls, package: TaskPackage, backbone: Backbone) -> PreparedTask:
-        started = time.perf_counter()
         compiled = compile_task(package, backbone)
         return cls(
             task_id=package.task_id,
@@ -93,7 +91,6 @@ class PreparedTask:
             compiled=compiled,
             head_weight=package.head_weight.to(device=backbone.device, dtype=torch.float32),
             head_bias=package.head_bias.to(device=backbone.device, dtype=torch.float32),
-            prepare_seconds=time.perf_counter() - started,
         )
 
     @property
@@ -430,14 +427,16 @@ class TaskRegistry:
 
     def add(self, package: TaskPackage) -> TaskEntry:
         """Compile and load a task, or replace the resident version of the same id."""
-        return self.insert(PreparedTask.of(package, self.backbone))
+        started = time.perf_counter()
+        return self.insert(PreparedTask.of(package, self.backbone), started=started)
 
-    def insert(self, task: PreparedTask, new_version: bool = True) -> TaskEntry:
+    def insert(self, task: PreparedTask, new_version: bool = True, started: float | None = None) -> TaskEntry:
         """Write a compiled task into the tables (replacing its resident version). Returns its entry.
 
         ``new_version=False``: the same package made resident again (after an eviction) keeps the
-        version it had."""
-        started = time.perf_counter()
+        version it had. ``started``: the ``perf_counter`` instant its load began (the entry's
+        ``load_seconds`` counts from there; default: now)."""
+        started = time.perf_counter() if started is None else started
         with self._writing:
             with self._lock:
                 self._reclaim()
@@ -481,7 +480,7 @@ class TaskRegistry:
                     num_classes=task.num_classes,
                     nbytes=self.entry_bytes(task),
                     loaded_at=time.time(),
-                    load_seconds=task.prepare_seconds + time.perf_counter() - started,
+                    load_seconds=time.perf_counter() - started,
                 )
                 previous = tasks.get(task.task_id)
                 tasks[task.task_id] = entry

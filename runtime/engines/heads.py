@@ -24,17 +24,16 @@ from runtime.core.registry import SlotTables
 
 @dataclass(frozen=True)
 class HeadTable:
-    """Heads of all slots: pools ``weight [Rc, D]``, ``bias [Rc]`` (fp32, on the device), the page table
-    ``table [slots, C]`` (int32: the pool row of each slot's class) and ``class_counts [slots]`` (host)."""
+    """Heads of all slots: pools ``weight [Rc, D]``, ``bias [Rc]`` (fp32, on the device) and the page table
+    ``table [slots, C]`` (int32: the pool row of each slot's class)."""
 
     weight: Tensor
     bias: Tensor
     table: Tensor
-    class_counts: Tensor
 
     @classmethod
     def of(cls, tables: SlotTables) -> HeadTable:
-        return cls(tables.head_weight, tables.head_bias, tables.head_table, tables.head_classes)
+        return cls(tables.head_weight, tables.head_bias, tables.head_table)
 
     def apply(self, features: Tensor, task_of_row: Tensor) -> Tensor:
         """Logits ``[B, C]`` fp32 on the table's device: row ``b`` through slot ``task_of_row[b]``.

@@ -153,7 +153,7 @@ class TaskCache:
             elif pin is not None:
                 self._pinned.discard(task.task_id)
         self._make_room(task)
-        entry = self.registry.insert(task, new_version)
+        entry = self.registry.insert(task, new_version, started)
         self._keep_on_host(task)
         with self._lock:
             self._last[task.task_id] = entry

@@ -162,8 +162,10 @@ class TaskStore:
                 return resident
             with self._state_lock:
                 self._loading[task_id] = False
+            signature: Signature | None = None
             try:
-                entry, signature = self._read_and_add(task_id, pin, on_demand, started)
+                signature = self.source.signature(task_id)
+                entry = self._read_and_add(task_id, signature, pin, on_demand, started)
             except BaseException as error:
                 with self._state_lock:
                     del self._loading[task_id]
@@ -171,9 +173,8 @@ class TaskStore:
                         self._errors[task_id] = _reason(error)
                         if on_demand:
                             self._on_demand_failures.add(task_id)
-                            # Its requests fail at once until the file changes: no re-read per request.
-                            with contextlib.suppress(PackageError, TaskNotFoundError):
-                                self._failed_signatures[task_id] = self.source.signature(task_id)
+                            if signature is not None:  # its requests fail at once until the file changes
+                                self._failed_signatures[task_id] = signature
                 self._count("failure")
                 self._log_failure(task_id, error)
                 raise
@@ -200,10 +201,9 @@ class TaskStore:
         return entry
 
     def _read_and_add(
-        self, task_id: str, pin: bool | None, on_demand: bool, started: float
-    ) -> tuple[TaskEntry, Signature]:
+        self, task_id: str, signature: Signature, pin: bool | None, on_demand: bool, started: float
+    ) -> TaskEntry:
         name = self.source.package_name(task_id)
-        signature = self.source.signature(task_id)
         with self._state_lock:
             unchanged = self._signatures.get(task_id) == signature
             failed = on_demand and self._failed_signatures.get(task_id) == signature
@@ -216,8 +216,7 @@ class TaskStore:
             package = self.source.read(task_id, self.backbone)
             self._check_fits(package, name, task_id)
             task = PreparedTask.of(package, self.backbone)
-        entry = self.cache.put(task, pin, new_version=not (on_demand and unchanged), started=started)
-        return entry, signature
+        return self.cache.put(task, pin, new_version=not (on_demand and unchanged), started=started)
 
     def _check_fits(self, package: TaskPackage, file_name: str, task_id: str) -> None:
         if package.task_id != task_id:
@@ -243,7 +242,6 @@ class TaskStore:
             if cancelling:
                 self._loading[task_id] = True
             self._signatures.pop(task_id, None)
-        with self._state_lock:
             registered = task_id in self._registered
             self._registered.discard(task_id)
         try:
